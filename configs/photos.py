@@ -1,0 +1,67 @@
+r"""Real photos with captions at 256 px, preprocessed as in the DALL·E paper.
+
+Convert a folder of images with captions into TFRecord shards first:
+
+  python -m dalle_jax.tools.convert_images --config=configs/convert_images.py \
+      --config.input_dir=/data/my_photos --config.output_dir=/data/my_photos_records
+
+then train the caption tokenizer beside the run and look at a grid of inputs:
+
+  python -m dalle_jax.tools.train_tokenizer --config=configs/photos.py \
+      --config.data.data_dir=/data/my_photos_records --workdir=runs/photos
+  python -m dalle_jax.tools.demo --config=configs/photos.py \
+      --config.data.data_dir=/data/my_photos_records --workdir=runs/photos
+
+A tfds dataset with an image and a caption feature works the same way, e.g. MS-COCO
+prepared in your own tfds folder:
+
+  python -m dalle_jax.tools.demo --config=configs/photos.py:coco --workdir=runs/coco \
+      --config.data.data_dir=/data/tensorflow_datasets
+
+Arguments after ':' : coco (tfds coco_captions), runlocal (64 px, small batch).
+"""
+from dalle_jax.config import parse_arg
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, coco=False, runlocal=False)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = 64
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "records"  # output of dalle_jax.tools.convert_images
+  config.data.data_dir = config_dict.placeholder(str)
+  config.data.name = "images"
+  config.data.image_key = "image"
+  config.data.caption_key = "caption"
+  config.data.image_size = 256
+  # Paper, listing 2: random square crop from the central band, area resize to
+  # [res, 9/8 res], random res x res crop, no flip.
+  config.data.preprocess = "photo"
+  config.data.shuffle_buffer = 10_000
+  if arg.coco:
+    config.data.source = "tfds"
+    config.data.name = "coco_captions"
+    config.data.caption_key = "captions/text"  # five captions per image: one at random
+
+  config.text = ml_collections.ConfigDict()
+  config.text.tokenizer = config_dict.placeholder(str)
+  config.text.vocab_size = 16_384  # paper
+  config.text.model_type = "bpe"
+  config.text.text_len = 256  # paper
+  config.text.bpe_dropout = 0.1  # paper
+
+  config.demo = ml_collections.ConfigDict()
+  config.demo.grid_rows = 3
+  config.demo.grid_cols = 4
+  config.demo.split = "train"
+
+  if arg.runlocal:
+    config.data.image_size = 64
+    config.data.shuffle_buffer = 256
+    config.text.text_len = 64
+    config.batch_size = 8
+  return config

@@ -1,0 +1,1 @@
+"""dalle_jax: DALL-E in JAX/Flax."""
