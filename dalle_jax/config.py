@@ -25,118 +25,118 @@ CONFIG_FILE_NAME = "config.json"
 
 
 def define_flags() -> None:
-  """Defines ``--config`` and ``--workdir`` on the global absl flags."""
-  config_flags.DEFINE_config_file(
-      "config", None, "Config file, e.g. configs/shapes.py or configs/shapes.py:runlocal.",
-      lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory of the run (local path or gs://...).")
+    """Defines ``--config`` and ``--workdir`` on the global absl flags."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file, e.g. configs/shapes.py or configs/shapes.py:runlocal.",
+        lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory of the run (local path or gs://...).")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-  """Parses the ``:arg`` part of ``--config=file.py:arg`` against typed defaults.
+    """Parses the ``:arg`` part of ``--config=file.py:arg`` against typed defaults.
 
-  ``"runlocal,res=32"`` with defaults ``runlocal=False, res=64`` gives
-  ``ConfigDict(runlocal=True, res=32)``. A bare name sets a bool to True.
-  """
-  parsed = ml_collections.ConfigDict(dict(defaults))
-  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
-    name, has_value, value = item.partition("=")
-    if name not in defaults:
-      raise ValueError(
-          f"unknown config argument {name!r} in {arg!r}; known: {sorted(defaults)}")
-    default = defaults[name]
-    if not has_value:
-      if not isinstance(default, bool):
-        raise ValueError(f"config argument {name!r} needs a value ({name}=...)")
-      parsed[name] = True
-    elif isinstance(default, bool):
-      if value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"config argument {name}={value!r} is not a bool")
-      parsed[name] = value.lower() in ("true", "1")
-    else:
-      try:
-        parsed[name] = type(default)(value)
-      except ValueError as e:
-        raise ValueError(
-            f"config argument {name}={value!r} is not a {type(default).__name__}") from e
-  return parsed
+    ``"runlocal,res=32"`` with defaults ``runlocal=False, res=64`` gives
+    ``ConfigDict(runlocal=True, res=32)``. A bare name sets a bool to True.
+    """
+    parsed = ml_collections.ConfigDict(dict(defaults))
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        name, has_value, value = item.partition("=")
+        if name not in defaults:
+            raise ValueError(
+                f"unknown config argument {name!r} in {arg!r}; known: {sorted(defaults)}")
+        default = defaults[name]
+        if not has_value:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {name!r} needs a value ({name}=...)")
+            parsed[name] = True
+        elif isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {name}={value!r} is not a bool")
+            parsed[name] = value.lower() in ("true", "1")
+        else:
+            try:
+                parsed[name] = type(default)(value)
+            except ValueError as e:
+                raise ValueError(
+                    f"config argument {name}={value!r} is not a {type(default).__name__}") from e
+    return parsed
 
 
 def _override_keys(argv: Sequence[str]) -> list[str]:
-  return [m.group(1) for a in argv if (m := re.match(r"--config\.([^=\s]+)", a))]
+    return [m.group(1) for a in argv if (m := re.match(r"--config\.([^=\s]+)", a))]
 
 
 def _config_spec(argv: Sequence[str]) -> str | None:
-  for i, a in enumerate(argv):
-    if a.startswith("--config="):
-      return a.split("=", 1)[1]
-    if a == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads ``path.py[:arg]`` the way ``--config`` does, without flags."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_dalle_jax_config", path)
-  if module_spec is None or not epath.Path(path).exists():
-    raise FileNotFoundError(f"config file not found: {path}")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+    """Loads ``path.py[:arg]`` the way ``--config`` does, without flags."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_dalle_jax_config", path)
+    if module_spec is None or not epath.Path(path).exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def check_override_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
-  """Raises ``KeyError`` naming the first override key that the config lacks."""
-  for key in keys:
-    node = config
-    for depth, part in enumerate(key.split(".")):
-      if isinstance(node, ml_collections.ConfigDict) and part in node:
-        node = node[part]
-        continue
-      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      close = difflib.get_close_matches(part, known, n=1)
-      where = ".".join(key.split(".")[:depth]) or "the config"
-      msg = f"unknown config key {key!r}: {where} has no field {part!r}"
-      if close:
-        msg += f" (did you mean {close[0]!r}?)"
-      raise KeyError(msg)
+    """Raises ``KeyError`` naming the first override key that the config lacks."""
+    for key in keys:
+        node = config
+        for depth, part in enumerate(key.split(".")):
+            if isinstance(node, ml_collections.ConfigDict) and part in node:
+                node = node[part]
+                continue
+            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            close = difflib.get_close_matches(part, known, n=1)
+            where = ".".join(key.split(".")[:depth]) or "the config"
+            msg = f"unknown config key {key!r}: {where} has no field {part!r}"
+            if close:
+                msg += f" (did you mean {close[0]!r}?)"
+            raise KeyError(msg)
 
 
 def flags_parser(argv: Sequence[str]) -> list[str]:
-  """absl ``flags_parser`` that turns bad config overrides into one clear line."""
-  try:
-    spec = _config_spec(argv)
-    if spec is not None:
-      check_override_keys(load_config_file(spec), _override_keys(argv))
-    return flags.FLAGS(list(argv))
-  except KeyError as e:
-    sys.stderr.write(f"error: {e.args[0]}\n")
-  except flags.Error as e:  # a value of the wrong type, named by absl with its key
-    sys.stderr.write(f"error: {e}\n")
-  except (ValueError, FileNotFoundError) as e:  # a bad ':arg' or a missing file
-    sys.stderr.write(f"error: --config: {e}\n")
-  sys.exit(2)
+    """absl ``flags_parser`` that turns bad config overrides into one clear line."""
+    try:
+        spec = _config_spec(argv)
+        if spec is not None:
+            check_override_keys(load_config_file(spec), _override_keys(argv))
+        return flags.FLAGS(list(argv))
+    except KeyError as e:
+        sys.stderr.write(f"error: {e.args[0]}\n")
+    except flags.Error as e:  # a value of the wrong type, named by absl with its key
+        sys.stderr.write(f"error: {e}\n")
+    except (ValueError, FileNotFoundError) as e:  # a bad ':arg' or a missing file
+        sys.stderr.write(f"error: --config: {e}\n")
+    sys.exit(2)
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
-  """``absl.app.run`` with config-aware flag errors."""
-  app.run(main, flags_parser=flags_parser)
+    """``absl.app.run`` with config-aware flag errors."""
+    app.run(main, flags_parser=flags_parser)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> epath.Path:
-  """Writes the resolved config to ``<workdir>/config.json`` atomically."""
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / CONFIG_FILE_NAME
-  text = json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True)
-  atomic_write_text(path, text + "\n")
-  return path
+    """Writes the resolved config to ``<workdir>/config.json`` atomically."""
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / CONFIG_FILE_NAME
+    text = json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True)
+    atomic_write_text(path, text + "\n")
+    return path
 
 
 def atomic_write_text(path: str | epath.PathLike, text: str) -> None:
-  """Writes a file under a temporary name and renames it into place."""
-  path = epath.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text)
-  tmp.rename(path)
+    """Writes a file under a temporary name and renames it into place."""
+    path = epath.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.rename(path)

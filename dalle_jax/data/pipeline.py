@@ -36,100 +36,101 @@ _MAX_INTERLEAVE = 16
 
 
 class Source(Protocol):
-  """A split of an image–caption dataset stored as TFRecord files."""
+    """A split of an image–caption dataset stored as TFRecord files."""
 
-  name: str
+    name: str
 
-  def files(self) -> list[str]:
-    """The split's record files, in a fixed order."""
+    def files(self) -> list[str]:
+        """The split's record files, in a fixed order."""
 
-  def parse(self, record: tf.Tensor) -> dict[str, tf.Tensor]:
-    """One serialized record → ``{"image": uint8[H, W, C], "caption": string[] or [N]}``."""
+    def parse(self, record: tf.Tensor) -> dict[str, tf.Tensor]:
+        """One serialized record → ``{"image": uint8[H, W, C], "caption": string[] or [N]}``."""
 
 
 def _nested(example: Mapping[str, Any], key: str):
-  for part in key.split("/"):
-    example = example[part]
-  return example
+    for part in key.split("/"):
+        example = example[part]
+    return example
 
 
 @dataclasses.dataclass
 class TfdsSource:
-  """A prepared tensorflow-datasets split with an image and a caption feature.
+    """A prepared tensorflow-datasets split with an image and a caption feature.
 
-  Feature names are paths into the example (``"captions/text"`` for coco_captions);
-  a caption feature holding several captions gives one of them at random per example.
-  """
+    Feature names are paths into the example (``"captions/text"`` for coco_captions);
+    a caption feature holding several captions gives one of them at random per example.
+    """
 
-  builder: Any  # tfds.core.DatasetBuilder
-  split: str
-  image_key: str = "image"
-  caption_key: str = "caption"
+    builder: Any  # tfds.core.DatasetBuilder
+    split: str
+    image_key: str = "image"
+    caption_key: str = "caption"
 
-  def __post_init__(self):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    info = self.builder.info
-    self.name = f"{info.full_name}:{self.split}"
-    if self.split not in info.splits:
-      raise ValueError(
-          f"{info.full_name} has no split {self.split!r}; it has {sorted(info.splits)}")
-    for key in (self.image_key, self.caption_key):
-      try:
-        _nested(info.features, key)
-      except KeyError:
-        raise ValueError(
-            f"{info.full_name} has no feature {key!r}; set the feature names in "
-            f"config.data (image_key / caption_key); features: {list(info.features)}"
-        ) from None
-    file_format = getattr(info, "file_format", None)
-    if file_format is not None and "tfrecord" not in str(file_format).lower():
-      raise ValueError(
-          f"{info.full_name} is stored as {file_format}; this pipeline reads TFRecord "
-          "(prepare it with file_format='tfrecord')")
-    roots = {k.split("/")[0] for k in (self.image_key, self.caption_key)}
-    self._decoders = tfds.decode.PartialDecoding({r: True for r in roots})
+    def __post_init__(self):
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        info = self.builder.info
+        self.name = f"{info.full_name}:{self.split}"
+        if self.split not in info.splits:
+            raise ValueError(
+                f"{info.full_name} has no split {self.split!r}; it has {sorted(info.splits)}")
+        for key in (self.image_key, self.caption_key):
+            try:
+                _nested(info.features, key)
+            except KeyError:
+                raise ValueError(
+                    f"{info.full_name} has no feature {key!r}; set the feature names in "
+                    f"config.data (image_key / caption_key); features: {list(info.features)}"
+                ) from None
+        file_format = getattr(info, "file_format", None)
+        if file_format is not None and "tfrecord" not in str(file_format).lower():
+            raise ValueError(
+                f"{info.full_name} is stored as {file_format}; this pipeline reads TFRecord "
+                "(prepare it with file_format='tfrecord')")
+        roots = {k.split("/")[0] for k in (self.image_key, self.caption_key)}
+        # Parse and decode only the features used here (not, e.g., box annotations).
+        partial = tfds.decode.PartialDecoding({r: True for r in roots})
+        self._features = partial.extract_features(info.features)
 
-  def files(self) -> list[str]:
-    return [str(p) for p in self.builder.info.splits[self.split].filepaths]
+    def files(self) -> list[str]:
+        return [str(p) for p in self.builder.info.splits[self.split].filepaths]
 
-  def parse(self, record):
-    example = self.builder.info.features.deserialize_example(
-        record, decoders=self._decoders)
-    return {"image": _nested(example, self.image_key),
-            "caption": _nested(example, self.caption_key)}
+    def parse(self, record):
+        example = self._features.deserialize_example(record)
+        return {"image": _nested(example, self.image_key),
+                "caption": _nested(example, self.caption_key)}
 
 
 @dataclasses.dataclass
 class RecordSource:
-  """A split written by the image-folder converter (:mod:`dalle_jax.data.convert`)."""
+    """A split written by the image-folder converter (:mod:`dalle_jax.data.convert`)."""
 
-  data_dir: str
-  dataset_name: str
-  split: str
+    data_dir: str
+    dataset_name: str
+    split: str
 
-  def __post_init__(self):
-    from dalle_jax.data import records  # pylint: disable=g-import-not-at-top
-    self._records = records
-    self.name = f"{self.dataset_name}:{self.split}"
-    self._files = records.shard_paths(self.data_dir, self.dataset_name, self.split)
+    def __post_init__(self):
+        from dalle_jax.data import records  # pylint: disable=g-import-not-at-top
+        self._records = records
+        self.name = f"{self.dataset_name}:{self.split}"
+        self._files = records.shard_paths(self.data_dir, self.dataset_name, self.split)
 
-  def files(self) -> list[str]:
-    return list(self._files)
+    def files(self) -> list[str]:
+        return list(self._files)
 
-  def parse(self, record):
-    example = self._records.parse_record(record)
-    return {"image": preprocess_lib.decode_image(example["image"]),
-            "caption": example["caption"]}
+    def parse(self, record):
+        example = self._records.parse_record(record)
+        return {"image": preprocess_lib.decode_image(example["image"]),
+                "caption": example["caption"]}
 
 
 def _seed(*parts) -> tf.Tensor:
-  """A stateless-RNG seed (int64[2]) that is a hash of integer ``parts``."""
-  key = tf.constant([0x5EED, 0], tf.int64)
-  for part in parts:
-    key = tf.random.stateless_uniform(
-        [2], seed=tf.stack([key[0], tf.cast(part, tf.int64)]),
-        minval=None, maxval=None, dtype=tf.int64)
-  return key
+    """A stateless-RNG seed (int64[2]) that is a hash of integer ``parts``."""
+    key = tf.constant([0x5EED, 0], tf.int64)
+    for part in parts:
+        key = tf.random.stateless_uniform(
+            [2], seed=tf.stack([key[0], tf.cast(part, tf.int64)]),
+            minval=None, maxval=None, dtype=tf.int64)
+    return key
 
 
 # Distinct purposes of randomness, so that no two uses share a stream.
@@ -137,303 +138,304 @@ _FILE_ORDER, _SHUFFLE, _AUGMENT, _CAPTION_CHOICE, _BPE_DROPOUT = range(5)
 
 
 class InputPipeline:
-  """Per-process batches of ``image``, ``text_tokens`` and friends as numpy arrays.
+    """Per-process batches of ``image``, ``text_tokens`` and friends as numpy arrays.
 
-  Each batch is a dict with ``image`` uint8[B, H, W, 3], ``mask`` bool[B] (False only
-  on the padding that completes a final eval batch), and, with a tokenizer,
-  ``text_tokens`` int32[B, text_len] and ``text_truncated`` bool[B]; with
-  ``with_captions`` also ``caption`` (object array of str).
+    Each batch is a dict with ``image`` uint8[B, H, W, 3], ``mask`` bool[B] (False only
+    on the padding that completes a final eval batch), and, with a tokenizer,
+    ``text_tokens`` int32[B, text_len] and ``text_truncated`` bool[B]; with
+    ``with_captions`` also ``caption`` (object array of str).
 
-  ``batch_size`` is per process. ``num_epochs=None`` repeats forever (training); a
-  finite stream ends with a padded partial batch unless ``drop_remainder``.
-  """
+    ``batch_size`` is per process. ``num_epochs=None`` repeats forever (training); a
+    finite stream ends with a padded partial batch unless ``drop_remainder``.
+    """
 
-  def __init__(
-      self,
-      source: Source,
-      *,
-      batch_size: int,
-      image_size: int,
-      preprocess: str = "resize",
-      tokenizer: Tokenizer | None = None,
-      train: bool = True,
-      seed: int = 0,
-      shuffle_buffer: int = 10_000,
-      num_epochs: int | None = None,
-      drop_remainder: bool = False,
-      with_captions: bool = False,
-      process_index: int | None = None,
-      process_count: int | None = None,
-      prefetch: int = 2,
-      num_parallel_calls: int = tf.data.AUTOTUNE,
-  ):
-    if process_index is None or process_count is None:
-      import jax  # pylint: disable=g-import-not-at-top
-      process_index = jax.process_index() if process_index is None else process_index
-      process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if batch_size <= 0:
-      raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if preprocess not in ("resize", "photo"):
-      raise ValueError(f"preprocess must be 'resize' or 'photo', got {preprocess!r}")
-    if num_epochs is not None and num_epochs <= 0:
-      raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
-    self.source = source
-    self.batch_size = batch_size
-    self.image_size = image_size
-    self.preprocess = preprocess
-    self.tokenizer = tokenizer
-    self.train = train
-    self.seed = int(seed)
-    self.shuffle_buffer = shuffle_buffer
-    self.num_epochs = num_epochs
-    self.drop_remainder = drop_remainder
-    self.with_captions = with_captions
-    self.process_index = process_index
-    self.process_count = process_count
-    self.prefetch = prefetch
-    self.num_parallel_calls = num_parallel_calls
+    def __init__(
+        self,
+        source: Source,
+        *,
+        batch_size: int,
+        image_size: int,
+        preprocess: str = "resize",
+        tokenizer: Tokenizer | None = None,
+        train: bool = True,
+        seed: int = 0,
+        shuffle_buffer: int = 10_000,
+        num_epochs: int | None = None,
+        drop_remainder: bool = False,
+        with_captions: bool = False,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        prefetch: int = 2,
+        num_parallel_calls: int = tf.data.AUTOTUNE,
+    ):
+        if process_index is None or process_count is None:
+            import jax  # pylint: disable=g-import-not-at-top
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if preprocess not in ("resize", "photo"):
+            raise ValueError(f"preprocess must be 'resize' or 'photo', got {preprocess!r}")
+        if num_epochs is not None and num_epochs <= 0:
+            raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+        self.source = source
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.train = train
+        self.seed = int(seed)
+        self.shuffle_buffer = shuffle_buffer
+        self.num_epochs = num_epochs
+        self.drop_remainder = drop_remainder
+        self.with_captions = with_captions
+        self.process_index = process_index
+        self.process_count = process_count
+        self.prefetch = prefetch
+        self.num_parallel_calls = num_parallel_calls
 
-    all_files = sorted(source.files())
-    if not all_files:
-      raise ValueError(f"{source.name}: no record files")
-    self.shard_by_file = len(all_files) >= process_count
-    self.files = (all_files[process_index::process_count] if self.shard_by_file
-                  else all_files)
-    self._fingerprint = hashlib.sha1(
-        "\n".join(f.rsplit("/", 1)[-1] for f in all_files).encode()).hexdigest()[:16]
-    self._epoch = 0
-    self._index = 0
-    self._truncated = 0
-    self._examples = 0
-    self._iterator = None
+        all_files = sorted(source.files())
+        if not all_files:
+            raise ValueError(f"{source.name}: no record files")
+        self.shard_by_file = len(all_files) >= process_count
+        self.files = (all_files[process_index::process_count] if self.shard_by_file
+                      else all_files)
+        self._fingerprint = hashlib.sha1(
+            "\n".join(f.rsplit("/", 1)[-1] for f in all_files).encode()).hexdigest()[:16]
+        self._epoch = 0
+        self._index = 0
+        self._truncated = 0
+        self._examples = 0
+        self._iterator = None
 
-  # --- state -------------------------------------------------------------------------
+    # --- state -------------------------------------------------------------------------
 
-  def get_state(self) -> dict[str, Any]:
-    """The position after the last batch returned; JSON-able."""
-    return {
-        "version": STATE_VERSION,
-        "epoch": self._epoch,
-        "index": self._index,
-        "examples_seen": self._examples,
-        "captions_truncated": self._truncated,
-        "seed": self.seed,
-        "batch_size": self.batch_size,
-        "process_index": self.process_index,
-        "process_count": self.process_count,
-        "files_fingerprint": self._fingerprint,
-    }
+    def get_state(self) -> dict[str, Any]:
+        """The position after the last batch returned; JSON-able."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "index": self._index,
+            "examples_seen": self._examples,
+            "captions_truncated": self._truncated,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+            "files_fingerprint": self._fingerprint,
+        }
 
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    """Continues from a state of :meth:`get_state` (of this same process's stream)."""
-    expected = self.get_state()
-    for key in ("version", "seed", "process_index", "process_count", "files_fingerprint"):
-      if state.get(key) != expected[key]:
-        raise ValueError(
-            f"cannot restore the input pipeline of {self.source.name}: saved {key}="
-            f"{state.get(key)!r} but this pipeline has {key}={expected[key]!r} "
-            "(the data, seed or process layout changed since the checkpoint)")
-    self._epoch = int(state["epoch"])
-    self._index = int(state["index"])
-    self._examples = int(state.get("examples_seen", 0))
-    self._truncated = int(state.get("captions_truncated", 0))
-    self._iterator = None
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Continues from a state of :meth:`get_state` (of this same process's stream)."""
+        expected = self.get_state()
+        for key in ("version", "seed", "process_index", "process_count", "files_fingerprint"):
+            if state.get(key) != expected[key]:
+                raise ValueError(
+                    f"cannot restore the input pipeline of {self.source.name}: saved {key}="
+                    f"{state.get(key)!r} but this pipeline has {key}={expected[key]!r} "
+                    "(the data, seed or process layout changed since the checkpoint)")
+        self._epoch = int(state["epoch"])
+        self._index = int(state["index"])
+        self._examples = int(state.get("examples_seen", 0))
+        self._truncated = int(state.get("captions_truncated", 0))
+        self._iterator = None
 
-  @property
-  def epoch(self) -> int:
-    return self._epoch
+    @property
+    def epoch(self) -> int:
+        return self._epoch
 
-  # --- the tf.data graph -------------------------------------------------------------
+    # --- the tf.data graph -------------------------------------------------------------
 
-  def _epoch_records(self, epoch: tf.Tensor, skip: tf.Tensor) -> tf.data.Dataset:
-    """Raw records of one epoch of this process, in order, with their positions."""
-    files = tf.constant(self.files)
-    if self.train:
-      # The same order on every process, so that sharding by example stays disjoint.
-      files = tf.random.experimental.stateless_shuffle(
-          files, seed=_seed(self.seed, _FILE_ORDER, epoch))
-    records = tf.data.Dataset.from_tensor_slices(files).interleave(
-        lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20),
-        cycle_length=min(len(self.files), _MAX_INTERLEAVE),
-        block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True)
-    if not self.shard_by_file:
-      records = records.shard(self.process_count, self.process_index)
-    if self.train:
-      records = records.shuffle(
-          self.shuffle_buffer,
-          seed=_seed(self.seed, _SHUFFLE, self.process_index, epoch)[0],
-          reshuffle_each_iteration=False)
-    records = records.enumerate().skip(skip)
-    return records.map(lambda index, record: (epoch, index, record))
+    def _epoch_records(self, epoch: tf.Tensor, skip: tf.Tensor) -> tf.data.Dataset:
+        """Raw records of one epoch of this process, in order, with their positions."""
+        files = tf.constant(self.files)
+        if self.train:
+            # The same order on every process, so that sharding by example stays disjoint.
+            files = tf.random.experimental.stateless_shuffle(
+                files, seed=_seed(self.seed, _FILE_ORDER, epoch))
+        records = tf.data.Dataset.from_tensor_slices(files).interleave(
+            lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20),
+            cycle_length=min(len(self.files), _MAX_INTERLEAVE),
+            block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True)
+        if not self.shard_by_file:
+            records = records.shard(self.process_count, self.process_index)
+        if self.train:
+            records = records.shuffle(
+                self.shuffle_buffer,
+                seed=_seed(self.seed, _SHUFFLE, self.process_index, epoch)[0],
+                reshuffle_each_iteration=False)
+        records = records.enumerate().skip(skip)
+        return records.map(lambda index, record: (epoch, index, record))
 
-  def _example(self, epoch, index, record):
-    example = self.source.parse(record)
-    image, caption = example["image"], example["caption"]
-    if image.shape.rank == 3 and image.shape[-1] == 1:
-      image = tf.image.grayscale_to_rgb(image)
-    seed = _seed(self.seed, _AUGMENT, self.process_index, epoch, index)
-    if self.preprocess == "photo":
-      image = (preprocess_lib.photo_train_crop(image, self.image_size, seed) if self.train
-               else preprocess_lib.center_crop_resize(image, self.image_size))
-    else:
-      image = preprocess_lib.plain_resize(image, self.image_size)
-    if caption.shape.rank == 1:  # several captions per image: one at random
-      if self.train:
-        choice_seed = _seed(self.seed, _CAPTION_CHOICE, self.process_index, epoch, index)
-        pick = tf.random.stateless_uniform(
-            [], choice_seed, maxval=tf.shape(caption, out_type=tf.int64)[0], dtype=tf.int64)
-      else:
-        pick = 0
-      caption = caption[pick]
-    return {"image": image, "caption": caption, "_epoch": epoch, "_index": index}
+    def _example(self, epoch, index, record):
+        example = self.source.parse(record)
+        image, caption = example["image"], example["caption"]
+        if image.shape.rank == 3 and image.shape[-1] == 1:
+            image = tf.image.grayscale_to_rgb(image)
+        seed = _seed(self.seed, _AUGMENT, self.process_index, epoch, index)
+        if self.preprocess == "photo":
+            image = (preprocess_lib.photo_train_crop(image, self.image_size, seed) if self.train
+                     else preprocess_lib.center_crop_resize(image, self.image_size))
+        else:
+            image = preprocess_lib.plain_resize(image, self.image_size)
+        if caption.shape.rank == 1:  # several captions per image: one at random
+            if self.train:
+                choice_seed = _seed(self.seed, _CAPTION_CHOICE, self.process_index, epoch, index)
+                pick = tf.random.stateless_uniform(
+                    [], choice_seed, maxval=tf.shape(caption, out_type=tf.int64)[0], dtype=tf.int64)
+            else:
+                pick = 0
+            caption = caption[pick]
+        return {"image": image, "caption": caption, "_epoch": epoch, "_index": index}
 
-  def _tokenize(self, batch):
-    seed = _seed(self.seed, _BPE_DROPOUT, self.process_index,
-                 batch["_epoch"][0], batch["_index"][0])[0]
+    def _tokenize(self, batch):
+        seed = _seed(self.seed, _BPE_DROPOUT, self.process_index,
+                     batch["_epoch"][0], batch["_index"][0])[0]
 
-    def encode(captions, seed_value):
-      return self.tokenizer.encode(list(captions), train=self.train, seed=int(seed_value))
+        def encode(captions, seed_value):
+            return self.tokenizer.encode(list(captions), train=self.train, seed=int(seed_value))
 
-    tokens, truncated = tf.numpy_function(
-        encode, [batch["caption"], seed], [tf.int32, tf.bool], stateful=False)
-    tokens.set_shape([None, self.tokenizer.text_len])
-    truncated.set_shape([None])
-    return {**batch, "text_tokens": tokens, "text_truncated": truncated}
+        tokens, truncated = tf.numpy_function(
+            encode, [batch["caption"], seed], [tf.int32, tf.bool], stateful=False)
+        tokens.set_shape([None, self.tokenizer.text_len])
+        truncated.set_shape([None])
+        return {**batch, "text_tokens": tokens, "text_truncated": truncated}
 
-  def _build(self) -> tf.data.Dataset:
-    start_epoch, start_index = self._epoch, self._index
-    end_epoch = _INT64_MAX if self.num_epochs is None else self.num_epochs
-    epochs = tf.data.Dataset.range(start_epoch, end_epoch)
-    ds = epochs.flat_map(lambda e: self._epoch_records(
-        e, tf.where(e == start_epoch, tf.constant(start_index, tf.int64), 0)))
-    ds = ds.map(self._example, num_parallel_calls=self.num_parallel_calls,
-                deterministic=True)
-    ds = ds.batch(self.batch_size, drop_remainder=self.drop_remainder)
-    if self.tokenizer is not None:
-      ds = ds.map(self._tokenize)
-    options = tf.data.Options()
-    options.deterministic = True
-    options.experimental_optimization.map_parallelization = True
-    ds = ds.with_options(options)
-    return ds.prefetch(self.prefetch)
+    def _build(self) -> tf.data.Dataset:
+        start_epoch, start_index = self._epoch, self._index
+        end_epoch = _INT64_MAX if self.num_epochs is None else self.num_epochs
+        epochs = tf.data.Dataset.range(start_epoch, end_epoch)
+        ds = epochs.flat_map(lambda e: self._epoch_records(
+            e, tf.where(e == start_epoch, tf.constant(start_index, tf.int64), 0)))
+        ds = ds.map(self._example, num_parallel_calls=self.num_parallel_calls,
+                    deterministic=True)
+        ds = ds.batch(self.batch_size, drop_remainder=self.drop_remainder)
+        if self.tokenizer is not None:
+            ds = ds.map(self._tokenize)
+        options = tf.data.Options()
+        options.deterministic = True
+        options.experimental_optimization.map_parallelization = True
+        ds = ds.with_options(options)
+        return ds.prefetch(self.prefetch)
 
-  # --- iteration ---------------------------------------------------------------------
+    # --- iteration ---------------------------------------------------------------------
 
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self._iterator is None:
-      self._iterator = self._build().as_numpy_iterator()
-    batch = next(self._iterator)
-    epochs, indices = batch.pop("_epoch"), batch.pop("_index")
-    self._epoch, self._index = int(epochs[-1]), int(indices[-1]) + 1
-    real = len(indices)
-    self._examples += real
-    if "text_truncated" in batch:
-      self._truncated += int(batch["text_truncated"].sum())
-    captions = batch.pop("caption")
-    if self.with_captions:
-      batch["caption"] = np.array([c.decode("utf-8") for c in captions], dtype=object)
-    batch["mask"] = np.ones((real,), bool)
-    if real < self.batch_size:
-      batch = {k: _pad_rows(v, self.batch_size) for k, v in batch.items()}
-    return batch
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = self._build().as_numpy_iterator()
+        batch = next(self._iterator)
+        epochs, indices = batch.pop("_epoch"), batch.pop("_index")
+        self._epoch, self._index = int(epochs[-1]), int(indices[-1]) + 1
+        real = len(indices)
+        self._examples += real
+        if "text_truncated" in batch:
+            self._truncated += int(batch["text_truncated"].sum())
+        captions = batch.pop("caption")
+        if self.with_captions:
+            batch["caption"] = np.array([c.decode("utf-8") for c in captions], dtype=object)
+        batch["mask"] = np.ones((real,), bool)
+        if real < self.batch_size:
+            batch = {k: _pad_rows(v, self.batch_size) for k, v in batch.items()}
+        return batch
 
-  def iter_captions(self) -> Iterator[str]:
-    """The split's captions once, without decoding images (for tokenizer training)."""
-    records = tf.data.Dataset.from_tensor_slices(tf.constant(self.files)).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(self.files), _MAX_INTERLEAVE),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if not self.shard_by_file:
-      records = records.shard(self.process_count, self.process_index)
-    captions = records.map(lambda r: self.source.parse(r)["caption"],
-                           num_parallel_calls=tf.data.AUTOTUNE).prefetch(64)
-    for caption in captions.as_numpy_iterator():
-      for c in np.atleast_1d(caption):
-        yield c.decode("utf-8", errors="replace")
+    def iter_captions(self) -> Iterator[str]:
+        """The split's captions once, without decoding images (for tokenizer training)."""
+        records = tf.data.Dataset.from_tensor_slices(tf.constant(self.files)).interleave(
+            tf.data.TFRecordDataset, cycle_length=min(len(self.files), _MAX_INTERLEAVE),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if not self.shard_by_file:
+            records = records.shard(self.process_count, self.process_index)
+        captions = records.map(lambda r: self.source.parse(r)["caption"],
+                               num_parallel_calls=tf.data.AUTOTUNE).prefetch(64)
+        for caption in captions.as_numpy_iterator():
+            for c in np.atleast_1d(caption):
+                yield c.decode("utf-8", errors="replace")
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-  pad = np.zeros((rows - len(x),) + x.shape[1:], x.dtype)
-  if x.dtype == object:
-    pad[...] = ""
-  return np.concatenate([x, pad])
+    pad = np.zeros((rows - len(x),) + x.shape[1:], x.dtype)
+    if x.dtype == object:
+        pad[...] = ""
+    return np.concatenate([x, pad])
 
 
 # --- from config ----------------------------------------------------------------------
 
 
 def make_source(data_config, split: str) -> Source:
-  """The source named by ``config.data`` (``captioned_shapes``, ``tfds`` or ``records``)."""
-  kind = data_config.source
-  if kind == "captioned_shapes":
-    from dalle_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top
-    builder = shapes_tfds.build_captioned_shapes(
-        data_config.data_dir,
-        image_size=data_config.image_size,
-        num_train=data_config.num_train,
-        num_validation=data_config.num_validation,
-        num_test=data_config.num_test,
-        num_holdout=data_config.num_holdout,
-        holdout_pairs=tuple(tuple(p) for p in data_config.holdout_pairs),
-        seed=data_config.dataset_seed)
-    return TfdsSource(builder, split, "image", "caption")
-  if kind == "tfds":
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
-    if not builder.is_prepared():
-      raise FileNotFoundError(
-          f"tfds dataset {data_config.name!r} is not prepared in "
-          f"{builder.data_dir_root!s}; prepare it first (tfds build), then set "
-          "config.data.data_dir")
-    return TfdsSource(builder, split, data_config.image_key, data_config.caption_key)
-  if kind == "records":
-    return RecordSource(data_config.data_dir, data_config.name, split)
-  raise ValueError(
-      f"config.data.source must be captioned_shapes, tfds or records; got {kind!r}")
+    """The source named by ``config.data`` (``captioned_shapes``, ``tfds`` or ``records``)."""
+    kind = data_config.source
+    if kind == "captioned_shapes":
+        from dalle_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        builder = shapes_tfds.build_captioned_shapes(
+            data_config.data_dir or tfds.core.constants.DATA_DIR,
+            image_size=data_config.image_size,
+            num_train=data_config.num_train,
+            num_validation=data_config.num_validation,
+            num_test=data_config.num_test,
+            num_holdout=data_config.num_holdout,
+            holdout_pairs=tuple(tuple(p) for p in data_config.holdout_pairs),
+            seed=data_config.dataset_seed)
+        return TfdsSource(builder, split, "image", "caption")
+    if kind == "tfds":
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
+        if not builder.is_prepared():
+            raise FileNotFoundError(
+                f"tfds dataset {data_config.name!r} is not prepared in "
+                f"{builder.data_dir_root!s}; prepare it first (tfds build), then set "
+                "config.data.data_dir")
+        return TfdsSource(builder, split, data_config.image_key, data_config.caption_key)
+    if kind == "records":
+        return RecordSource(data_config.data_dir, data_config.name, split)
+    raise ValueError(
+        f"config.data.source must be captioned_shapes, tfds or records; got {kind!r}")
 
 
 def make_pipeline(config, split: str, *, train: bool, tokenizer: Tokenizer | None = None,
                   **overrides) -> InputPipeline:
-  """The pipeline for ``split`` as ``config`` describes it (global ``config.batch_size``)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  process_count = overrides.pop("process_count", jax.process_count())
-  process_index = overrides.pop("process_index", jax.process_index())
-  if config.batch_size % process_count:
-    raise ValueError(
-        f"config.batch_size={config.batch_size} is not divisible by the "
-        f"{process_count} processes")
-  data = config.data
-  kwargs = dict(
-      batch_size=config.batch_size // process_count,
-      image_size=data.image_size,
-      preprocess=data.preprocess,
-      tokenizer=tokenizer,
-      train=train,
-      seed=config.seed,
-      shuffle_buffer=data.shuffle_buffer,
-      num_epochs=None if train else 1,
-      process_index=process_index,
-      process_count=process_count)
-  kwargs.update(overrides)
-  return InputPipeline(make_source(data, split), **kwargs)
+    """The pipeline for ``split`` as ``config`` describes it (global ``config.batch_size``)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    process_count = overrides.pop("process_count", jax.process_count())
+    process_index = overrides.pop("process_index", jax.process_index())
+    if config.batch_size % process_count:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by the "
+            f"{process_count} processes")
+    data = config.data
+    kwargs = dict(
+        batch_size=config.batch_size // process_count,
+        image_size=data.image_size,
+        preprocess=data.preprocess,
+        tokenizer=tokenizer,
+        train=train,
+        seed=config.seed,
+        shuffle_buffer=data.shuffle_buffer,
+        num_epochs=None if train else 1,
+        process_index=process_index,
+        process_count=process_count)
+    kwargs.update(overrides)
+    return InputPipeline(make_source(data, split), **kwargs)
 
 
 def make_global_batch(batch: Mapping[str, np.ndarray], mesh,
                       batch_axes: Sequence[str] = ("data", "fsdp")):
-  """Turns a per-process batch into global ``jax.Array``s sharded on the batch axes.
+    """Turns a per-process batch into global ``jax.Array``s sharded on the batch axes.
 
-  Every process passes its own rows; the leading dimension of each result is the
-  global batch. Non-numeric entries (captions) are left out.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  sharding = NamedSharding(mesh, PartitionSpec(axes or None))
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in batch.items() if v.dtype != object}
+    Every process passes its own rows; the leading dimension of each result is the
+    global batch. Non-numeric entries (captions) are left out.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    sharding = NamedSharding(mesh, PartitionSpec(axes or None))
+    return {k: jax.make_array_from_process_local_data(sharding, v)
+            for k, v in batch.items() if v.dtype != object}

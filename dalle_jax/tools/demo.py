@@ -24,44 +24,44 @@ config_lib.define_flags()
 
 
 def main(argv):
-  del argv
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  if workdir is None:
-    raise app.UsageError("--workdir is required")
-  config_lib.write_config(config, workdir)
+    del argv
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if workdir is None:
+        raise app.UsageError("--workdir is required")
+    config_lib.write_config(config, workdir)
 
-  start = time.perf_counter()
-  source = pipeline_lib.make_source(config.data, config.demo.split)
-  print(f"dataset {source.name}: {len(source.files())} record files "
-        f"(ready in {time.perf_counter() - start:.1f}s)")
+    start = time.perf_counter()
+    source = pipeline_lib.make_source(config.data, config.demo.split)
+    print(f"dataset {source.name}: {len(source.files())} record files "
+          f"(ready in {time.perf_counter() - start:.1f}s)")
 
-  start = time.perf_counter()
-  tokenizer = train_tokenizer.train_for_run(config, workdir, split=config.demo.split)
-  print(f"tokenizer {tokenizer_lib.tokenizer_for_run(config.text, workdir)}: "
-        f"{tokenizer.vocab_size} pieces (ready in {time.perf_counter() - start:.1f}s)")
+    start = time.perf_counter()
+    tokenizer = train_tokenizer.train_for_run(config, workdir, split=config.demo.split)
+    print(f"tokenizer {tokenizer_lib.tokenizer_for_run(config.text, workdir)}: "
+          f"{tokenizer.vocab_size} pieces (ready in {time.perf_counter() - start:.1f}s)")
 
-  count = config.demo.grid_rows * config.demo.grid_cols
-  pipeline = pipeline_lib.InputPipeline(
-      source, batch_size=count, image_size=config.data.image_size,
-      preprocess=config.data.preprocess, tokenizer=tokenizer, train=True,
-      seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, with_captions=True,
-      process_index=0, process_count=1)
-  batch = next(pipeline)
-  start, steps = time.perf_counter(), 5
-  for _ in range(steps):
-    next(pipeline)
-  rate = steps * count / (time.perf_counter() - start)
-  print(f"batch: " + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in batch.items()))
-  print(f"pipeline: {rate:.0f} examples/s (batch {count}, warm)")
+    count = config.demo.grid_rows * config.demo.grid_cols
+    pipeline = pipeline_lib.InputPipeline(
+        source, batch_size=count, image_size=config.data.image_size,
+        preprocess=config.data.preprocess, tokenizer=tokenizer, train=True,
+        seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, with_captions=True,
+        process_index=0, process_count=1)
+    batch = next(pipeline)
+    start, steps = time.perf_counter(), 5
+    for _ in range(steps):
+        next(pipeline)
+    rate = steps * count / (time.perf_counter() - start)
+    print(f"batch: " + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in batch.items()))
+    print(f"pipeline: {rate:.0f} examples/s (batch {count}, warm)")
 
-  lengths = (batch["text_tokens"] != tokenizer_lib.PAD_ID).sum(-1)
-  labels = [f"{c} [{n} tokens]" for c, n in zip(batch["caption"], lengths)]
-  grid = visualize.captioned_grid(batch["image"], labels, cols=config.demo.grid_cols)
-  path = visualize.save_png(grid, f"{workdir}/examples.png")
-  for caption in batch["caption"][:3]:
-    print(f"  {caption!r} -> {tokenizer.pieces(caption)}")
-  print(f"wrote {path} ({grid.shape[1]}x{grid.shape[0]})")
+    lengths = (batch["text_tokens"] != tokenizer_lib.PAD_ID).sum(-1)
+    labels = [f"{c} [{n} tokens]" for c, n in zip(batch["caption"], lengths)]
+    grid = visualize.captioned_grid(batch["image"], labels, cols=config.demo.grid_cols)
+    path = visualize.save_png(grid, f"{workdir}/examples.png")
+    for caption in batch["caption"][:3]:
+        print(f"  {caption!r} -> {tokenizer.pieces(caption)}")
+    print(f"wrote {path} ({grid.shape[1]}x{grid.shape[0]})")
 
 
 if __name__ == "__main__":
-  config_lib.run(main)
+    config_lib.run(main)

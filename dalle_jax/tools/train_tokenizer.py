@@ -24,51 +24,51 @@ _SPLIT = flags.DEFINE_string("split", "train", "Split whose captions train the t
 
 def train_for_run(config, workdir, *, split: str = "train", overwrite: bool = False,
                   progress: bool = True) -> tokenizer_lib.Tokenizer:
-  """Trains (or, if present and not ``overwrite``, loads) the run's tokenizer."""
-  path = tokenizer_lib.tokenizer_for_run(config.text, workdir)
-  if path.exists() and not overwrite:
-    return tokenizer_lib.load_tokenizer(config.text, workdir)
-  source = pipeline_lib.make_pipeline(
-      config, split, train=False, process_index=0, process_count=1)
-  captions = source.iter_captions()
-  if progress:
-    captions = tqdm(captions, desc=f"captions of {source.source.name}", unit=" captions")
-  start = time.perf_counter()
-  tokenizer_lib.train_tokenizer(
-      captions, path, vocab_size=config.text.vocab_size, model_type=config.text.model_type)
-  tokenizer = tokenizer_lib.load_tokenizer(config.text, workdir)
-  logging.info("trained a %s tokenizer with %d pieces in %.1fs: %s",
-               config.text.model_type, tokenizer.vocab_size,
-               time.perf_counter() - start, path)
-  return tokenizer
+    """Trains (or, if present and not ``overwrite``, loads) the run's tokenizer."""
+    path = tokenizer_lib.tokenizer_for_run(config.text, workdir)
+    if path.exists() and not overwrite:
+        return tokenizer_lib.load_tokenizer(config.text, workdir)
+    source = pipeline_lib.make_pipeline(
+        config, split, train=False, process_index=0, process_count=1)
+    captions = source.iter_captions()
+    if progress:
+        captions = tqdm(captions, desc=f"captions of {source.source.name}", unit=" captions")
+    start = time.perf_counter()
+    tokenizer_lib.train_tokenizer(
+        captions, path, vocab_size=config.text.vocab_size, model_type=config.text.model_type)
+    tokenizer = tokenizer_lib.load_tokenizer(config.text, workdir)
+    logging.info("trained a %s tokenizer with %d pieces in %.1fs: %s",
+                 config.text.model_type, tokenizer.vocab_size,
+                 time.perf_counter() - start, path)
+    return tokenizer
 
 
 def describe(tokenizer: tokenizer_lib.Tokenizer, captions: list[str]) -> str:
-  """Token-length statistics of ``captions`` under ``tokenizer`` (no dropout)."""
-  tokens, truncated = tokenizer.encode(captions)
-  lengths = (tokens != tokenizer_lib.PAD_ID).sum(-1)
-  return (f"{tokenizer.vocab_size} pieces; tokens per caption: mean {lengths.mean():.1f}, "
-          f"max {lengths.max()} of text_len {tokenizer.text_len}; "
-          f"truncated {truncated.mean():.2%}")
+    """Token-length statistics of ``captions`` under ``tokenizer`` (no dropout)."""
+    tokens, truncated = tokenizer.encode(captions)
+    lengths = (tokens != tokenizer_lib.PAD_ID).sum(-1)
+    return (f"{tokenizer.vocab_size} pieces; tokens per caption: mean {lengths.mean():.1f}, "
+            f"max {lengths.max()} of text_len {tokenizer.text_len}; "
+            f"truncated {truncated.mean():.2%}")
 
 
 def main(argv):
-  del argv
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  if workdir is None and not config.text.tokenizer:
-    raise app.UsageError("--workdir is required (the tokenizer is saved beside the run)")
-  path = tokenizer_lib.tokenizer_for_run(config.text, workdir)
-  if path.exists() and not _OVERWRITE.value:
-    raise app.UsageError(f"{path} exists; pass --overwrite to replace it")
-  if workdir:
-    config_lib.write_config(config, workdir)
-  tokenizer = train_for_run(config, workdir, split=_SPLIT.value, overwrite=True)
-  sample = pipeline_lib.make_pipeline(
-      config, _SPLIT.value, train=False, process_index=0, process_count=1).iter_captions()
-  captions = [c for c, _ in zip(sample, range(2000))]
-  print(f"tokenizer: {path}\n{describe(tokenizer, captions)}")
-  print(f"example: {captions[0]!r} -> {tokenizer.pieces(captions[0])}")
+    del argv
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if workdir is None and not config.text.tokenizer:
+        raise app.UsageError("--workdir is required (the tokenizer is saved beside the run)")
+    path = tokenizer_lib.tokenizer_for_run(config.text, workdir)
+    if path.exists() and not _OVERWRITE.value:
+        raise app.UsageError(f"{path} exists; pass --overwrite to replace it")
+    if workdir:
+        config_lib.write_config(config, workdir)
+    tokenizer = train_for_run(config, workdir, split=_SPLIT.value, overwrite=True)
+    sample = pipeline_lib.make_pipeline(
+        config, _SPLIT.value, train=False, process_index=0, process_count=1).iter_captions()
+    captions = [c for c, _ in zip(sample, range(2000))]
+    print(f"tokenizer: {path}\n{describe(tokenizer, captions)}")
+    print(f"example: {captions[0]!r} -> {tokenizer.pieces(captions[0])}")
 
 
 if __name__ == "__main__":
-  config_lib.run(main)
+    config_lib.run(main)
