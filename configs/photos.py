@@ -26,42 +26,42 @@ from ml_collections import config_dict
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, coco=False, runlocal=False)
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.batch_size = 64
+    arg = parse_arg(arg, coco=False, runlocal=False)
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.batch_size = 64
 
-  config.data = ml_collections.ConfigDict()
-  config.data.source = "records"  # output of dalle_jax.tools.convert_images
-  config.data.data_dir = config_dict.placeholder(str)
-  config.data.name = "images"
-  config.data.image_key = "image"
-  config.data.caption_key = "caption"
-  config.data.image_size = 256
-  # Paper, listing 2: random square crop from the central band, area resize to
-  # [res, 9/8 res], random res x res crop, no flip.
-  config.data.preprocess = "photo"
-  config.data.shuffle_buffer = 10_000
-  if arg.coco:
-    config.data.source = "tfds"
-    config.data.name = "coco_captions"
-    config.data.caption_key = "captions/text"  # five captions per image: one at random
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "records"  # output of dalle_jax.tools.convert_images
+    config.data.data_dir = config_dict.placeholder(str)
+    config.data.name = "images"
+    config.data.image_key = "image"
+    config.data.caption_key = "caption"
+    config.data.image_size = 256
+    # Paper, listing 2: random square crop from the central band, area resize to
+    # [res, 9/8 res], random res x res crop, no flip.
+    config.data.preprocess = "photo"
+    config.data.shuffle_buffer = 10_000
+    if arg.coco:
+        config.data.source = "tfds"
+        config.data.name = "coco_captions"
+        config.data.caption_key = "captions/text"  # five captions per image: one at random
 
-  config.text = ml_collections.ConfigDict()
-  config.text.tokenizer = config_dict.placeholder(str)
-  config.text.vocab_size = 16_384  # paper
-  config.text.model_type = "bpe"
-  config.text.text_len = 256  # paper
-  config.text.bpe_dropout = 0.1  # paper
+    config.text = ml_collections.ConfigDict()
+    config.text.tokenizer = config_dict.placeholder(str)
+    config.text.vocab_size = 16_384  # paper
+    config.text.model_type = "bpe"
+    config.text.text_len = 256  # paper
+    config.text.bpe_dropout = 0.1  # paper
 
-  config.demo = ml_collections.ConfigDict()
-  config.demo.grid_rows = 3
-  config.demo.grid_cols = 4
-  config.demo.split = "train"
+    config.demo = ml_collections.ConfigDict()
+    config.demo.grid_rows = 3
+    config.demo.grid_cols = 4
+    config.demo.split = "train"
 
-  if arg.runlocal:
-    config.data.image_size = 64
-    config.data.shuffle_buffer = 256
-    config.text.text_len = 64
-    config.batch_size = 8
-  return config
+    if arg.runlocal:
+        config.data.image_size = 64
+        config.data.shuffle_buffer = 256
+        config.text.text_len = 64
+        config.batch_size = 8
+    return config

@@ -17,44 +17,44 @@ from ml_collections import config_dict
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, runlocal=False, res=64)
-  config = ml_collections.ConfigDict()
-  config.seed = 0  # input order, augmentation and BPE-dropout
-  config.batch_size = 64  # global, split evenly over the processes
+    arg = parse_arg(arg, runlocal=False, res=64)
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # input order, augmentation and BPE-dropout
+    config.batch_size = 64  # global, split evenly over the processes
 
-  config.data = ml_collections.ConfigDict()
-  config.data.source = "captioned_shapes"
-  config.data.data_dir = config_dict.placeholder(str)  # None: tfds's default folder
-  config.data.name = "captioned_shapes"
-  config.data.image_size = arg.res
-  config.data.num_train = 50_000
-  config.data.num_validation = 2_000
-  config.data.num_test = 2_000
-  config.data.num_holdout = 2_000
-  # (colour, shape) pairs kept out of train/validation/test: the holdout split.
-  config.data.holdout_pairs = (("green", "triangle"), ("purple", "circle"),
-                               ("orange", "square"))
-  config.data.dataset_seed = 0  # same seed, byte-identical dataset
-  config.data.image_key = "image"
-  config.data.caption_key = "caption"
-  config.data.preprocess = "resize"  # synthetic images: a plain resize, no crops
-  config.data.shuffle_buffer = 10_000
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "captioned_shapes"
+    config.data.data_dir = config_dict.placeholder(str)  # None: tfds's default folder
+    config.data.name = "captioned_shapes"
+    config.data.image_size = arg.res
+    config.data.num_train = 50_000
+    config.data.num_validation = 2_000
+    config.data.num_test = 2_000
+    config.data.num_holdout = 2_000
+    # (colour, shape) pairs kept out of train/validation/test: the holdout split.
+    config.data.holdout_pairs = (("green", "triangle"), ("purple", "circle"),
+                                 ("orange", "square"))
+    config.data.dataset_seed = 0  # same seed, byte-identical dataset
+    config.data.image_key = "image"
+    config.data.caption_key = "caption"
+    config.data.preprocess = "resize"  # synthetic images: a plain resize, no crops
+    config.data.shuffle_buffer = 10_000
 
-  config.text = ml_collections.ConfigDict()
-  config.text.tokenizer = config_dict.placeholder(str)  # None: <workdir>/tokenizer.model
-  config.text.vocab_size = 512  # an upper bound: the shapes captions need fewer pieces
-  config.text.model_type = "bpe"
-  config.text.text_len = 32
-  config.text.bpe_dropout = 0.1  # training only
+    config.text = ml_collections.ConfigDict()
+    config.text.tokenizer = config_dict.placeholder(str)  # None: <workdir>/tokenizer.model
+    config.text.vocab_size = 512  # an upper bound: the shapes captions need fewer pieces
+    config.text.model_type = "bpe"
+    config.text.text_len = 32
+    config.text.bpe_dropout = 0.1  # training only
 
-  config.demo = ml_collections.ConfigDict()
-  config.demo.grid_rows = 4
-  config.demo.grid_cols = 6
-  config.demo.split = "train"
+    config.demo = ml_collections.ConfigDict()
+    config.demo.grid_rows = 4
+    config.demo.grid_cols = 6
+    config.demo.split = "train"
 
-  if arg.runlocal:
-    config.data.num_train = 2_000
-    config.data.num_validation = config.data.num_test = config.data.num_holdout = 200
-    config.data.shuffle_buffer = 1_000
-    config.batch_size = 16
-  return config
+    if arg.runlocal:
+        config.data.num_train = 2_000
+        config.data.num_validation = config.data.num_test = config.data.num_holdout = 200
+        config.data.shuffle_buffer = 1_000
+        config.batch_size = 16
+    return config

@@ -14,68 +14,68 @@ CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
 
 
 def test_parse_arg_types_and_errors():
-  arg = config_lib.parse_arg("runlocal,res=32", runlocal=False, res=64, name="x")
-  assert arg.runlocal is True and arg.res == 32 and arg.name == "x"
-  assert config_lib.parse_arg(None, res=64).res == 64
-  with pytest.raises(ValueError, match="unknown config argument 'resolution'"):
-    config_lib.parse_arg("resolution=32", res=64)
-  with pytest.raises(ValueError, match="res='big' is not a int"):
-    config_lib.parse_arg("res=big", res=64)
-  with pytest.raises(ValueError, match="needs a value"):
-    config_lib.parse_arg("res", res=64)
+    arg = config_lib.parse_arg("runlocal,res=32", runlocal=False, res=64, name="x")
+    assert arg.runlocal is True and arg.res == 32 and arg.name == "x"
+    assert config_lib.parse_arg(None, res=64).res == 64
+    with pytest.raises(ValueError, match="unknown config argument 'resolution'"):
+        config_lib.parse_arg("resolution=32", res=64)
+    with pytest.raises(ValueError, match="res='big' is not a int"):
+        config_lib.parse_arg("res=big", res=64)
+    with pytest.raises(ValueError, match="needs a value"):
+        config_lib.parse_arg("res", res=64)
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
 def test_every_config_documents_its_command(path):
-  doc = path.read_text().split('"""')[1]
-  assert f"--config=configs/{path.name}" in doc, f"{path.name}: docstring lacks its command"
-  config = config_lib.load_config_file(str(path))
-  assert isinstance(config, ml_collections.ConfigDict)
-  json.loads(config.to_json_best_effort())  # serialisable as the run's config.json
+    doc = path.read_text().split('"""')[1]
+    assert f"--config=configs/{path.name}" in doc, f"{path.name}: docstring lacks its command"
+    config = config_lib.load_config_file(str(path))
+    assert isinstance(config, ml_collections.ConfigDict)
+    json.loads(config.to_json_best_effort())  # serialisable as the run's config.json
 
 
 def test_shapes_variants():
-  default = config_lib.load_config_file(str(ROOT / "configs/shapes.py"))
-  local = config_lib.load_config_file(str(ROOT / "configs/shapes.py:runlocal,res=32"))
-  assert default.data.image_size == 64 and default.data.num_train == 50_000
-  assert local.data.image_size == 32 and local.data.num_train < default.data.num_train
+    default = config_lib.load_config_file(str(ROOT / "configs/shapes.py"))
+    local = config_lib.load_config_file(str(ROOT / "configs/shapes.py:runlocal,res=32"))
+    assert default.data.image_size == 64 and default.data.num_train == 50_000
+    assert local.data.image_size == 32 and local.data.num_train < default.data.num_train
 
 
 def test_check_override_keys_names_the_key():
-  config = config_lib.load_config_file(str(ROOT / "configs/shapes.py"))
-  config_lib.check_override_keys(config, ["data.image_size", "text.text_len", "seed"])
-  with pytest.raises(KeyError, match=r"'data.imagesize'.*did you mean 'image_size'"):
-    config_lib.check_override_keys(config, ["data.imagesize"])
-  with pytest.raises(KeyError, match=r"'model.num_layers': the config has no field 'model'"):
-    config_lib.check_override_keys(config, ["model.num_layers"])
-  with pytest.raises(KeyError, match=r"'seed.x'"):
-    config_lib.check_override_keys(config, ["seed.x"])
+    config = config_lib.load_config_file(str(ROOT / "configs/shapes.py"))
+    config_lib.check_override_keys(config, ["data.image_size", "text.text_len", "seed"])
+    with pytest.raises(KeyError, match=r"'data.imagesize'.*did you mean 'image_size'"):
+        config_lib.check_override_keys(config, ["data.imagesize"])
+    with pytest.raises(KeyError, match=r"'model.num_layers': the config has no field 'model'"):
+        config_lib.check_override_keys(config, ["model.num_layers"])
+    with pytest.raises(KeyError, match=r"'seed.x'"):
+        config_lib.check_override_keys(config, ["seed.x"])
 
 
 def test_write_config_is_json(tmp_path):
-  config = config_lib.load_config_file(str(ROOT / "configs/shapes.py:runlocal"))
-  path = config_lib.write_config(config, tmp_path / "run")
-  written = json.loads(path.read_text())
-  assert written["data"]["num_train"] == config.data.num_train
-  assert written["data"]["holdout_pairs"][0] == ["green", "triangle"]
-  assert not list((tmp_path / "run").glob(".*tmp"))
+    config = config_lib.load_config_file(str(ROOT / "configs/shapes.py:runlocal"))
+    path = config_lib.write_config(config, tmp_path / "run")
+    written = json.loads(path.read_text())
+    assert written["data"]["num_train"] == config.data.num_train
+    assert written["data"]["holdout_pairs"][0] == ["green", "triangle"]
+    assert not list((tmp_path / "run").glob(".*tmp"))
 
 
 def _cli(*args):
-  return subprocess.run(
-      [sys.executable, "-m", "dalle_jax.tools.train_tokenizer", *args],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dalle_jax.tools.train_tokenizer", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_rejects_unknown_key_and_wrong_type(tmp_path):
-  unknown = _cli("--config=configs/shapes.py", "--config.data.num_trian=10",
-                 f"--workdir={tmp_path}")
-  assert unknown.returncode == 2
-  assert "unknown config key 'data.num_trian'" in unknown.stderr
-  assert "did you mean 'num_train'" in unknown.stderr
-  assert "Traceback" not in unknown.stderr
-  wrong_type = _cli("--config=configs/shapes.py", "--config.data.image_size=big",
-                    f"--workdir={tmp_path}")
-  assert wrong_type.returncode == 2
-  assert "--config.data.image_size=big" in wrong_type.stderr
-  assert not list(tmp_path.iterdir()), "nothing may be written before the config is valid"
+    unknown = _cli("--config=configs/shapes.py", "--config.data.num_trian=10",
+                   f"--workdir={tmp_path}")
+    assert unknown.returncode == 2
+    assert "unknown config key 'data.num_trian'" in unknown.stderr
+    assert "did you mean 'num_train'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    wrong_type = _cli("--config=configs/shapes.py", "--config.data.image_size=big",
+                      f"--workdir={tmp_path}")
+    assert wrong_type.returncode == 2
+    assert "--config.data.image_size=big" in wrong_type.stderr
+    assert not list(tmp_path.iterdir()), "nothing may be written before the config is valid"

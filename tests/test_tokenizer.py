@@ -12,65 +12,65 @@ WORDS = ("a picture of an image drawing there is small little tiny large big red
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-  rng = np.random.default_rng(0)
-  captions = [" ".join(rng.choice(WORDS, size=rng.integers(4, 12))).upper()
-              for _ in range(3000)]
-  path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-  tokenizer_lib.train_tokenizer(captions, path, vocab_size=200)
-  return path
+    rng = np.random.default_rng(0)
+    captions = [" ".join(rng.choice(WORDS, size=rng.integers(4, 12))).upper()
+                for _ in range(3000)]
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    tokenizer_lib.train_tokenizer(captions, path, vocab_size=200)
+    return path
 
 
 def test_round_trip_lowercases(model_path):
-  tok = tokenizer_lib.Tokenizer(model_path, text_len=32)
-  captions = ["A Picture of a SMALL red circle in the top left corner",
-              "  a blue square to the left of a big yellow star  ", ""]
-  tokens, truncated = tok.encode(captions)
-  assert tokens.dtype == np.int32 and tokens.shape == (3, 32)
-  assert not truncated.any()
-  assert tok.decode(tokens) == [tokenizer_lib.normalize_caption(c) for c in captions]
-  assert (tokens[2] == tokenizer_lib.PAD_ID).all(), "an empty caption is all padding"
-  lengths = (tokens != tokenizer_lib.PAD_ID).sum(-1)
-  assert (tokens[0, lengths[0]:] == tokenizer_lib.PAD_ID).all()
-  assert (tokens[0, :lengths[0]] != tokenizer_lib.PAD_ID).all(), "text never uses pad"
-  assert tok.encode(["Red Star"])[0].tolist() == tok.encode(["red star"])[0].tolist()
+    tok = tokenizer_lib.Tokenizer(model_path, text_len=32)
+    captions = ["A Picture of a SMALL red circle in the top left corner",
+                "  a blue square to the left of a big yellow star  ", ""]
+    tokens, truncated = tok.encode(captions)
+    assert tokens.dtype == np.int32 and tokens.shape == (3, 32)
+    assert not truncated.any()
+    assert tok.decode(tokens) == [tokenizer_lib.normalize_caption(c) for c in captions]
+    assert (tokens[2] == tokenizer_lib.PAD_ID).all(), "an empty caption is all padding"
+    lengths = (tokens != tokenizer_lib.PAD_ID).sum(-1)
+    assert (tokens[0, lengths[0]:] == tokenizer_lib.PAD_ID).all()
+    assert (tokens[0, :lengths[0]] != tokenizer_lib.PAD_ID).all(), "text never uses pad"
+    assert tok.encode(["Red Star"])[0].tolist() == tok.encode(["red star"])[0].tolist()
 
 
 def test_unknown_characters_map_to_unk_not_pad(model_path):
-  tok = tokenizer_lib.Tokenizer(model_path, text_len=16)
-  tokens, _ = tok.encode(["a red 象 star"])
-  assert tokenizer_lib.UNK_ID in tokens[0]
-  assert (tokens[0, :(tokens[0] != 0).sum()] != tokenizer_lib.PAD_ID).all()
+    tok = tokenizer_lib.Tokenizer(model_path, text_len=16)
+    tokens, _ = tok.encode(["a red 象 star"])
+    assert tokenizer_lib.UNK_ID in tokens[0]
+    assert (tokens[0, :(tokens[0] != 0).sum()] != tokenizer_lib.PAD_ID).all()
 
 
 def test_truncation_is_reported(model_path):
-  tok = tokenizer_lib.Tokenizer(model_path, text_len=4)
-  tokens, truncated = tok.encode(["a picture of a small red circle in the top left corner",
-                                  "red star"])
-  assert truncated.tolist() == [True, False]
-  assert (tokens[0] != tokenizer_lib.PAD_ID).all()
+    tok = tokenizer_lib.Tokenizer(model_path, text_len=4)
+    tokens, truncated = tok.encode(["a picture of a small red circle in the top left corner",
+                                    "red star"])
+    assert truncated.tolist() == [True, False]
+    assert (tokens[0] != tokenizer_lib.PAD_ID).all()
 
 
 def test_bpe_dropout_only_in_training_and_seeded(model_path):
-  tok = tokenizer_lib.Tokenizer(model_path, text_len=48, dropout=0.1)
-  captions = ["a picture of a small red circle in the top left corner"] * 16
-  plain, _ = tok.encode(captions)
-  eval_tokens, _ = tok.encode(captions, train=False, seed=1)
-  np.testing.assert_array_equal(plain, eval_tokens)
-  a, _ = tok.encode(captions, train=True, seed=1)
-  b, _ = tok.encode(captions, train=True, seed=1)
-  c, _ = tok.encode(captions, train=True, seed=2)
-  np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, c)
-  assert not np.array_equal(a, plain), "dropout should split some merges"
-  # Dropout changes the segmentation, never the text.
-  assert set(tok.decode(a)) == {captions[0]}
-  assert (a != tokenizer_lib.PAD_ID).sum() > (plain != tokenizer_lib.PAD_ID).sum()
+    tok = tokenizer_lib.Tokenizer(model_path, text_len=48, dropout=0.1)
+    captions = ["a picture of a small red circle in the top left corner"] * 16
+    plain, _ = tok.encode(captions)
+    eval_tokens, _ = tok.encode(captions, train=False, seed=1)
+    np.testing.assert_array_equal(plain, eval_tokens)
+    a, _ = tok.encode(captions, train=True, seed=1)
+    b, _ = tok.encode(captions, train=True, seed=1)
+    c, _ = tok.encode(captions, train=True, seed=2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert not np.array_equal(a, plain), "dropout should split some merges"
+    # Dropout changes the segmentation, never the text.
+    assert set(tok.decode(a)) == {captions[0]}
+    assert (a != tokenizer_lib.PAD_ID).sum() > (plain != tokenizer_lib.PAD_ID).sum()
 
 
 def test_bad_arguments(model_path, tmp_path):
-  with pytest.raises(ValueError, match="text_len"):
-    tokenizer_lib.Tokenizer(model_path, text_len=0)
-  with pytest.raises(ValueError, match="BPE-dropout"):
-    tokenizer_lib.Tokenizer(model_path, text_len=8, dropout=1.5)
-  with pytest.raises(ValueError, match="no non-empty captions"):
-    tokenizer_lib.train_tokenizer(["", "  "], tmp_path / "t.model", vocab_size=50)
+    with pytest.raises(ValueError, match="text_len"):
+        tokenizer_lib.Tokenizer(model_path, text_len=0)
+    with pytest.raises(ValueError, match="BPE-dropout"):
+        tokenizer_lib.Tokenizer(model_path, text_len=8, dropout=1.5)
+    with pytest.raises(ValueError, match="no non-empty captions"):
+        tokenizer_lib.train_tokenizer(["", "  "], tmp_path / "t.model", vocab_size=50)
