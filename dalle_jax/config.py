@@ -21,11 +21,15 @@ from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
+from dalle_jax import files
+
 CONFIG_FILE_NAME = "config.json"
 
 
 def define_flags() -> None:
-    """Defines ``--config`` and ``--workdir`` on the global absl flags."""
+    """Defines ``--config`` and ``--workdir`` on the global absl flags (once)."""
+    if "config" in flags.FLAGS:
+        return
     config_flags.DEFINE_config_file(
         "config", None, "Config file, e.g. configs/shapes.py or configs/shapes.py:runlocal.",
         lock_config=True)
@@ -126,17 +130,5 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
 def write_config(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> epath.Path:
     """Writes the resolved config to ``<workdir>/config.json`` atomically."""
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / CONFIG_FILE_NAME
     text = json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True)
-    atomic_write_text(path, text + "\n")
-    return path
-
-
-def atomic_write_text(path: str | epath.PathLike, text: str) -> None:
-    """Writes a file under a temporary name and renames it into place."""
-    path = epath.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
+    return files.atomic_write(epath.Path(workdir) / CONFIG_FILE_NAME, text + "\n")

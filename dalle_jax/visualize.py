@@ -9,6 +9,8 @@ from etils import epath
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dalle_jax import files
+
 
 def captioned_grid(
     images: np.ndarray,
@@ -54,11 +56,6 @@ def captioned_grid(
 
 def save_png(image: np.ndarray, path: str | epath.PathLike) -> epath.Path:
     """Writes uint8[H, W, 3] as a PNG, atomically (temporary name, then rename)."""
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(image)).save(buffer, format="PNG")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.rename(path)
-    return path
+    return files.atomic_write(path, buffer.getvalue())

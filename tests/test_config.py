@@ -58,7 +58,7 @@ def test_write_config_is_json(tmp_path):
     written = json.loads(path.read_text())
     assert written["data"]["num_train"] == config.data.num_train
     assert written["data"]["holdout_pairs"][0] == ["green", "triangle"]
-    assert not list((tmp_path / "run").glob(".*tmp"))
+    assert not list((tmp_path / "run").glob(".*tmp*"))
 
 
 def _cli(*args):

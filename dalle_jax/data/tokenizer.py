@@ -12,11 +12,16 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import time
 from typing import Iterable, Sequence
 
+from absl import logging
 from etils import epath
 import numpy as np
 import sentencepiece as spm
+import tqdm
+
+from dalle_jax import files
 
 PAD_ID = 0
 UNK_ID = 1
@@ -81,10 +86,7 @@ def train_tokenizer(
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = output_path.with_name(f".{output_path.name}.tmp")
-        tmp_out.write_bytes(epath.Path(prefix + ".model").read_bytes())
-        tmp_out.rename(output_path)
+        files.atomic_write(output_path, epath.Path(prefix + ".model").read_bytes())
     return output_path
 
 
@@ -182,3 +184,25 @@ def load_tokenizer(text_config, workdir: str | os.PathLike | None) -> Tokenizer:
             "dalle_jax.tools.train_tokenizer --config=... --workdir=...` or set "
             "config.text.tokenizer")
     return Tokenizer(path, text_config.text_len, text_config.bpe_dropout)
+
+
+def train_for_run(config, workdir, *, split: str = "train", overwrite: bool = False,
+                  progress: bool = True) -> Tokenizer:
+    """Trains (or, if present and not ``overwrite``, loads) the run's tokenizer."""
+    from dalle_jax.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+    path = tokenizer_for_run(config.text, workdir)
+    if path.exists() and not overwrite:
+        return load_tokenizer(config.text, workdir)
+    source = pipeline_lib.make_pipeline(
+        config, split, train=False, process_index=0, process_count=1)
+    captions = source.iter_captions()
+    if progress:
+        captions = tqdm.tqdm(captions, desc=f"captions of {source.source.name}", unit=" captions")
+    start = time.perf_counter()
+    train_tokenizer(
+        captions, path, vocab_size=config.text.vocab_size, model_type=config.text.model_type)
+    tokenizer = load_tokenizer(config.text, workdir)
+    logging.info("trained a %s tokenizer with %d pieces in %.1fs: %s",
+                 config.text.model_type, tokenizer.vocab_size,
+                 time.perf_counter() - start, path)
+    return tokenizer

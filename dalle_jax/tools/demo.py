@@ -12,13 +12,10 @@ from __future__ import annotations
 import time
 
 from absl import app, flags
-import numpy as np
-
 from dalle_jax import config as config_lib
 from dalle_jax import visualize
 from dalle_jax.data import pipeline as pipeline_lib
 from dalle_jax.data import tokenizer as tokenizer_lib
-from dalle_jax.tools import train_tokenizer
 
 config_lib.define_flags()
 
@@ -36,7 +33,7 @@ def main(argv):
           f"(ready in {time.perf_counter() - start:.1f}s)")
 
     start = time.perf_counter()
-    tokenizer = train_tokenizer.train_for_run(config, workdir, split=config.demo.split)
+    tokenizer = tokenizer_lib.train_for_run(config, workdir, split=config.demo.split)
     print(f"tokenizer {tokenizer_lib.tokenizer_for_run(config.text, workdir)}: "
           f"{tokenizer.vocab_size} pieces (ready in {time.perf_counter() - start:.1f}s)")
 

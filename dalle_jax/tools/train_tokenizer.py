@@ -8,10 +8,7 @@ tokens mean nothing under another tokenizer.
 """
 from __future__ import annotations
 
-import time
-
-from absl import app, flags, logging
-from tqdm import tqdm
+from absl import app, flags
 
 from dalle_jax import config as config_lib
 from dalle_jax.data import pipeline as pipeline_lib
@@ -20,27 +17,6 @@ from dalle_jax.data import tokenizer as tokenizer_lib
 config_lib.define_flags()
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing tokenizer.")
 _SPLIT = flags.DEFINE_string("split", "train", "Split whose captions train the tokenizer.")
-
-
-def train_for_run(config, workdir, *, split: str = "train", overwrite: bool = False,
-                  progress: bool = True) -> tokenizer_lib.Tokenizer:
-    """Trains (or, if present and not ``overwrite``, loads) the run's tokenizer."""
-    path = tokenizer_lib.tokenizer_for_run(config.text, workdir)
-    if path.exists() and not overwrite:
-        return tokenizer_lib.load_tokenizer(config.text, workdir)
-    source = pipeline_lib.make_pipeline(
-        config, split, train=False, process_index=0, process_count=1)
-    captions = source.iter_captions()
-    if progress:
-        captions = tqdm(captions, desc=f"captions of {source.source.name}", unit=" captions")
-    start = time.perf_counter()
-    tokenizer_lib.train_tokenizer(
-        captions, path, vocab_size=config.text.vocab_size, model_type=config.text.model_type)
-    tokenizer = tokenizer_lib.load_tokenizer(config.text, workdir)
-    logging.info("trained a %s tokenizer with %d pieces in %.1fs: %s",
-                 config.text.model_type, tokenizer.vocab_size,
-                 time.perf_counter() - start, path)
-    return tokenizer
 
 
 def describe(tokenizer: tokenizer_lib.Tokenizer, captions: list[str]) -> str:
@@ -62,7 +38,8 @@ def main(argv):
         raise app.UsageError(f"{path} exists; pass --overwrite to replace it")
     if workdir:
         config_lib.write_config(config, workdir)
-    tokenizer = train_for_run(config, workdir, split=_SPLIT.value, overwrite=True)
+    tokenizer = tokenizer_lib.train_for_run(config, workdir, split=_SPLIT.value,
+                                           overwrite=True)
     sample = pipeline_lib.make_pipeline(
         config, _SPLIT.value, train=False, process_index=0, process_count=1).iter_captions()
     captions = [c for c, _ in zip(sample, range(2000))]
