@@ -1,0 +1,1 @@
+"""Datasets and text processing for dalle_jax."""
