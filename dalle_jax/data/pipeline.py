@@ -88,8 +88,7 @@ class TfdsSource:
                 "(prepare it with file_format='tfrecord')")
         roots = {k.split("/")[0] for k in (self.image_key, self.caption_key)}
         # Parse and decode only the features used here (not, e.g., box annotations).
-        partial = tfds.decode.PartialDecoding({r: True for r in roots})
-        self._features = partial.extract_features(info.features)
+        self._features = tfds.features.FeaturesDict({r: info.features[r] for r in roots})
 
     def files(self) -> list[str]:
         return [str(p) for p in self.builder.info.splits[self.split].filepaths]
