@@ -68,7 +68,8 @@ def encode_record(image_bytes: bytes, caption: str | bytes,
         "height": _int64_feature(height),
         "width": _int64_feature(width),
     })
-    return tf.train.Example(features=features).SerializeToString()
+    # Sorted map keys: equal records give equal bytes in every process.
+    return tf.train.Example(features=features).SerializeToString(deterministic=True)
 
 
 def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
