@@ -53,6 +53,7 @@ def data_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("records")
     _write_split(directory, "five", SHARD_SIZES)
     _write_split(directory, "one", (NUM_EXAMPLES,))
+    _write_split(directory, "sparse", (5, 0, 0, 4))  # more shards than examples need
     return str(directory)
 
 
@@ -150,6 +151,18 @@ def test_processes_cover_each_epoch_disjointly(data_dir, name, process_count):
     union = set().union(*per_process)
     assert union == set(range(NUM_EXAMPLES))
     assert sum(len(s) for s in per_process) == NUM_EXAMPLES, "processes overlap"
+
+
+def test_empty_files_are_left_out(data_dir):
+    ids = []
+    for index in range(4):
+        pipeline = _pipeline(data_dir, name="sparse", num_epochs=1, process_index=index,
+                             process_count=4, preprocess="resize", image_size=16)
+        assert not pipeline.shard_by_file, "two non-empty files cannot feed 4 processes"
+        ids += sum(map(_ids, pipeline), [])
+    assert sorted(ids) == list(range(9))
+    with pytest.raises(ValueError, match="9 examples cannot feed 10 processes"):
+        _pipeline(data_dir, name="sparse", process_index=0, process_count=10)
 
 
 def test_eval_stream_is_ordered_and_padded(data_dir):

@@ -40,8 +40,8 @@ class Source(Protocol):
 
     name: str
 
-    def files(self) -> list[str]:
-        """The split's record files, in a fixed order."""
+    def files(self) -> list[tuple[str, int]]:
+        """The split's record files with their example counts, in a fixed order."""
 
     def parse(self, record: tf.Tensor) -> dict[str, tf.Tensor]:
         """One serialized record → ``{"image": uint8[H, W, C], "caption": string[] or [N]}``."""
@@ -90,8 +90,9 @@ class TfdsSource:
         # Parse and decode only the features used here (not, e.g., box annotations).
         self._features = tfds.features.FeaturesDict({r: info.features[r] for r in roots})
 
-    def files(self) -> list[str]:
-        return [str(p) for p in self.builder.info.splits[self.split].filepaths]
+    def files(self) -> list[tuple[str, int]]:
+        split = self.builder.info.splits[self.split]
+        return [(str(p), n) for p, n in zip(split.filepaths, split.shard_lengths)]
 
     def parse(self, record):
         example = self._features.deserialize_example(record)
@@ -111,9 +112,11 @@ class RecordSource:
         from dalle_jax.data import records  # pylint: disable=g-import-not-at-top
         self._records = records
         self.name = f"{self.dataset_name}:{self.split}"
-        self._files = records.shard_paths(self.data_dir, self.dataset_name, self.split)
+        metadata = records.read_metadata(self.data_dir, self.dataset_name, self.split)
+        self._files = [(records.join(self.data_dir, shard["file"]), shard["num_examples"])
+                       for shard in metadata["shards"]]
 
-    def files(self) -> list[str]:
+    def files(self) -> list[tuple[str, int]]:
         return list(self._files)
 
     def parse(self, record):
@@ -195,9 +198,15 @@ class InputPipeline:
         self.prefetch = prefetch
         self.num_parallel_calls = num_parallel_calls
 
-        all_files = sorted(source.files())
-        if not all_files:
-            raise ValueError(f"{source.name}: no record files")
+        # Empty files are left out: a process whose share held no example would
+        # otherwise cycle through empty epochs forever.
+        all_files = sorted(path for path, count in source.files() if count > 0)
+        num_examples = sum(count for _, count in source.files())
+        if num_examples < process_count:
+            raise ValueError(
+                f"{source.name}: {num_examples} examples cannot feed {process_count} "
+                "processes")
+        self.num_examples = num_examples  # of the whole split, all processes
         self.shard_by_file = len(all_files) >= process_count
         self.files = (all_files[process_index::process_count] if self.shard_by_file
                       else all_files)

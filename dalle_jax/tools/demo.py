@@ -29,8 +29,9 @@ def main(argv):
 
     start = time.perf_counter()
     source = pipeline_lib.make_source(config.data, config.demo.split)
-    print(f"dataset {source.name}: {len(source.files())} record files "
-          f"(ready in {time.perf_counter() - start:.1f}s)")
+    files = source.files()
+    print(f"dataset {source.name}: {sum(n for _, n in files)} examples in {len(files)} "
+          f"record files (ready in {time.perf_counter() - start:.1f}s)")
 
     start = time.perf_counter()
     tokenizer = tokenizer_lib.train_for_run(config, workdir, split=config.demo.split)
