@@ -12,11 +12,13 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import logging
 import re
 import sys
 from typing import Any, Callable, Sequence
 
 from absl import app, flags
+from absl import logging as absl_logging
 from etils import epath
 import ml_collections
 from ml_collections import config_flags
@@ -86,8 +88,13 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     if module_spec is None or not epath.Path(path).exists():
         raise FileNotFoundError(f"config file not found: {path}")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    # Registered while it runs: dataclasses and typing look modules up by name.
+    sys.modules[module_spec.name] = module
+    try:
+        module_spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    finally:
+        del sys.modules[module_spec.name]
 
 
 def check_override_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
@@ -123,8 +130,19 @@ def flags_parser(argv: Sequence[str]) -> list[str]:
     sys.exit(2)
 
 
+class _LibraryInfoFilter(logging.Filter):
+    """Drops the INFO chatter of orbax and tfds; their warnings still show."""
+
+    _QUIET = ("/orbax/", "/tensorflow_datasets/")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(
+            part in record.pathname for part in self._QUIET)
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
-    """``absl.app.run`` with config-aware flag errors."""
+    """``absl.app.run`` with config-aware flag errors and quiet library logs."""
+    absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter())
     app.run(main, flags_parser=flags_parser)
 
 

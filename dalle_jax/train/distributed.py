@@ -1,0 +1,65 @@
+"""Multi-process start-up and preemption.
+
+Every process runs the same program. ``initialize`` joins them through
+``jax.distributed``: from explicit flags (local tests: a coordinator on localhost,
+CPU collectives over gloo), or auto-detected on Cloud TPU pods and SLURM.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from absl import logging
+import jax
+
+
+def _cluster_detected() -> bool:
+    """Whether this process is one of several on a cluster jax can auto-detect."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Joins the processes of a multi-process run (no-op for a single process)."""
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ValueError("--coordinator_address needs --num_processes and --process_id")
+        # Cross-process collectives between CPU devices (tests, CPU clusters) go
+        # through gloo; accelerators use their own and ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif _cluster_detected():
+        jax.distributed.initialize()
+    else:
+        return
+    logging.info("process %d of %d, %d local devices of %d", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+class PreemptionWatcher:
+    """Tells the loop to save and stop after a preemption notice (SIGTERM).
+
+    With several processes, jax's preemption sync point makes all of them stop at
+    the same step; a single process watches for SIGTERM itself.
+    """
+
+    def __init__(self, checkpointer):
+        self._checkpointer = checkpointer
+        self._signalled = threading.Event()
+        self._multi_process = jax.process_count() > 1
+        if not self._multi_process and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM: saving at the current step, then stopping")
+        self._signalled.set()
+
+    def should_stop(self, step: int) -> bool:
+        if self._multi_process:
+            return self._checkpointer.reached_preemption(step)
+        return self._signalled.is_set()

@@ -1,0 +1,161 @@
+"""The train state and the train step: one pure function of (state, batch, rng).
+
+The step averages gradients over micro-batches inside the compiled function, applies
+the optimizer, keeps an exponential moving average of the parameters, and skips any
+update whose loss or gradient is not finite (the skip is counted in the state and in
+the metrics, and the parameters, optimizer state and EMA stay as they were).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from dalle_jax.train import sharding as sharding_lib
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_policy(name: str):
+    """A ``jax.checkpoint`` policy by config name (``"none"`` means do not remat)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat policy must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
+    return REMAT_POLICIES[name]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the data iterators' states."""
+
+    step: jax.Array  # int32, updates applied or skipped so far
+    params: Any
+    opt_state: Any
+    ema_params: Any  # None when config.train.ema_decay == 0
+    rng: jax.Array  # uint32 key data: the run's base key; step keys fold in the step
+    nonfinite_streak: jax.Array  # int32, consecutive skipped updates
+    nonfinite_total: jax.Array  # int32, all skipped updates
+
+
+def init_state(params, tx: optax.GradientTransformation, *, ema: bool,
+               rng: jax.Array) -> TrainState:
+    """A fresh state; works on logically boxed params (to derive shardings) too."""
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+        step=zero,
+        params=params,
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+        rng=jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+        else rng,
+        nonfinite_streak=zero,
+        nonfinite_total=zero,
+    )
+
+
+def _split_microbatches(batch, num_microbatches: int, mesh):
+    """[B, ...] -> [M, B / M, ...], each micro-batch still split over the batch axes."""
+    def split(x):
+        if x.shape[0] % num_microbatches:
+            raise ValueError(
+                f"batch of {x.shape[0]} does not split into {num_microbatches} micro-batches")
+        x = x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:])
+        if mesh is None:
+            return x
+        axes = tuple(a for a in sharding_lib.BATCH_AXES if a in mesh.axis_names)
+        return jax.lax.with_sharding_constraint(
+            x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axes)))
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]],
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    num_microbatches: int = 1,
+    ema_decay: float = 0.0,
+    mesh=None,
+) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds ``step(state, batch, rng) -> (state, metrics)``; jit it with shardings.
+
+    ``loss_fn(params, batch, rng) -> (loss, metrics)`` returns an fp32 scalar loss that
+    is a mean over the batch (so averaging micro-batch gradients is exact).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(params, batch, rng):
+        if num_microbatches == 1:
+            (loss, metrics), grads = grad_fn(params, batch, rng)
+            return loss, metrics, grads
+        micro = _split_microbatches(batch, num_microbatches, mesh)
+
+        def accumulate(carry, inputs):
+            index, microbatch = inputs
+            (loss, metrics), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
+            total = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+            return total, None
+
+        (loss, metrics, grads), _ = jax.lax.scan(
+            accumulate, _zeros_of(grad_fn, params, micro, rng),
+            (jnp.arange(num_microbatches), micro))
+        scale = 1.0 / num_microbatches
+        return loss * scale, jax.tree.map(lambda m: m * scale, metrics), jax.tree.map(
+            lambda g: g * scale, grads)
+
+    def step(state: TrainState, batch, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        loss, metrics, grads = gradients(state.params, batch, rng)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep_if_finite(params, state.params),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
+            ema_params=None if ema is None else keep_if_finite(ema, state.ema_params),
+            nonfinite_streak=streak,
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "update_skipped": (~finite).astype(jnp.float32),
+            "nonfinite_streak": streak,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def _zeros_of(grad_fn, params, micro, rng):
+    """Zeros shaped like one micro-batch's (loss, metrics, grads), in fp32."""
+    shapes = jax.eval_shape(
+        lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng))
+    (loss, metrics), grads = shapes
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (loss, metrics, grads))
+
+
+def unbox(tree):
+    """Strips logical-partitioning boxes (``nn.Partitioned``) from a tree."""
+    return nn.meta.unbox(tree)

@@ -1,0 +1,274 @@
+"""The training loop shared by every stage (dVAE, VQ-VAE, transformer, reranker).
+
+A stage supplies a :class:`Task`: its model's initialiser, its loss, its data and,
+optionally, its FLOPs per example and image summaries. Everything else happens here,
+in the order the data flows:
+
+    logging → mesh → input → model and optimizer → sharding → step → checkpoint
+    → loop (metrics one step late, evals, saves, preemption)
+
+Restarting the same command in the same workdir resumes from the latest checkpoint,
+data iterators included, so the run continues exactly as if uninterrupted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle_jax import config as config_lib
+from dalle_jax.data import pipeline as pipeline_lib
+from dalle_jax.train import checkpoint as checkpoint_lib
+from dalle_jax.train import distributed
+from dalle_jax.train import metrics as metrics_lib
+from dalle_jax.train import optimizer as optimizer_lib
+from dalle_jax.train import sharding as sharding_lib
+from dalle_jax.train import step as step_lib
+
+
+class DataIterator(Protocol):
+    """Per-process numpy batches whose position can be saved and restored."""
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+    def get_state(self) -> dict[str, Any]: ...
+    def set_state(self, state: Mapping[str, Any]) -> None: ...
+
+
+class Task(Protocol):
+    """What a stage supplies to the training core."""
+
+    # Model FLOPs of one training example (forward and backward), for MFU; or None.
+    flops_per_example: float | None
+
+    def init(self, rng: jax.Array) -> Any:
+        """The model's parameters, with logical partitioning boxes."""
+
+    def loss(self, params, batch, rng, *, train: bool) -> tuple[jax.Array, dict]:
+        """fp32 scalar loss (a mean over the batch's real rows) and fp32 metrics."""
+
+    def train_data(self) -> DataIterator:
+        """This process's share of the training batches."""
+
+    def eval_data(self) -> Iterator[dict[str, np.ndarray]] | None:
+        """One pass over this process's share of the eval set, or None."""
+
+    def summaries(self, params, batch) -> dict[str, np.ndarray]:
+        """Images to log (uint8 [H, W, 3] or [N, H, W, 3]); may be empty."""
+
+
+def load_task(config, workdir: str, mesh) -> Task:
+    """Imports ``config.task`` and calls its ``make_task(config, workdir, mesh)``."""
+    if not config.task:
+        raise ValueError("config.task names the stage's module, e.g. dalle_jax.tasks.dvae")
+    module = importlib.import_module(config.task)
+    return module.make_task(config, workdir, mesh)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive updates had a non-finite loss or gradient."""
+
+
+def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
+                       console=print) -> Any:
+    """Trains ``config.task`` (or ``task``) in ``workdir``; returns the final state."""
+    # ---------------------------------------------------------------- logging
+    writer = metrics_lib.MetricWriter(f"{workdir}/tensorboard", console=console)
+    if jax.process_index() == 0:
+        config_lib.write_config(config, workdir)
+    writer.write_hparams(config.to_dict())
+
+    # ---------------------------------------------------------------- mesh
+    mesh = sharding_lib.make_mesh(config.mesh)
+    rules = sharding_lib.logical_rules(config.sharding)
+    logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+    if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(
+            f"batch_size {config.batch_size} does not split over the batch axes "
+            f"(data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']})")
+
+    # ---------------------------------------------------------------- input
+    if task is None:
+        task = load_task(config, workdir, mesh)
+    train_data = task.train_data()
+
+    # ---------------------------------------------------------------- model, sharding, step
+    training = build(config, task, mesh, rules)
+    state_shardings = training.state_shardings
+
+    # ---------------------------------------------------------------- checkpoint
+    checkpointer = checkpoint_lib.Checkpointer(
+        f"{workdir}/checkpoints",
+        save_interval_steps=config.checkpoint.save_every,
+        max_to_keep=config.checkpoint.max_to_keep,
+        keep_period=config.checkpoint.keep_every,
+        async_save=config.checkpoint.async_save)
+    with mesh, nn.logical_axis_rules(rules):
+        if checkpointer.latest_step() is not None:
+            state, data_state, step = checkpointer.restore(training.abstract_state)
+            if data_state is None:
+                logging.warning("checkpoint written by another number of processes: "
+                                "the input starts from its beginning")
+            else:
+                train_data.set_state(data_state)
+            console(f"resumed from step {step} in {workdir}")
+        else:
+            state = training.init(jax.random.key(config.seed))
+    unsharded = sharding_lib.unsharded_large_arrays(state.params, mesh)
+    if unsharded:
+        logging.warning("large parameters replicated on every device: %s", unsharded)
+    # A copy that the donated state cannot invalidate.
+    base_rng = jax.device_put(np.asarray(state.rng), sharding_lib.replicated(mesh))
+
+    # ---------------------------------------------------------------- loop
+    step = int(state.step)
+    peak, peak_source = metrics_lib.peak_flops_per_device(
+        jnp.dtype(config.train.compute_dtype))
+    logging.info("peak %.3g FLOP/s per device (%s)", peak, peak_source)
+    throughput = metrics_lib.Throughput(
+        total_steps=config.total_steps, global_batch_size=config.batch_size,
+        flops_per_example=task.flops_per_example, peak_flops_per_device=peak,
+        num_devices=mesh.size, start_step=step)
+    fetcher = metrics_lib.LateFetcher()
+    profiler = metrics_lib.Profiler(workdir, start_step=config.profile.start_step,
+                                    num_steps=config.profile.num_steps)
+    preemption = distributed.PreemptionWatcher(checkpointer)
+    log_every = max(1, config.train.log_every)
+    train_metrics: list[dict[str, float]] = []
+    timing_started: list[int] = []
+
+    def handle(fetched):
+        """Logs a step's fetched metrics; stops the run after too many bad updates."""
+        if fetched is None:
+            return
+        done_step, values = fetched
+        if values["nonfinite_streak"] >= config.train.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{int(values['nonfinite_streak'])} consecutive updates up to step "
+                f"{done_step} had a non-finite loss or gradient; stopping. The last "
+                f"checkpoint (step {checkpointer.latest_step()}) is intact.")
+        train_metrics.append(values)
+        if not timing_started:
+            # Throughput is measured from the end of the first step: no compile time.
+            throughput.update(done_step)
+            timing_started.append(done_step)
+        if done_step % log_every == 0 or done_step == config.total_steps:
+            summary = {k: float(np.mean([m[k] for m in train_metrics]))
+                       for k in train_metrics[-1]}
+            summary["update_skipped"] = float(np.sum([m["update_skipped"]
+                                                      for m in train_metrics]))
+            summary.update(throughput.update(done_step))
+            train_metrics.clear()
+            writer.write_scalars(done_step, {f"train/{k}": v for k, v in summary.items()})
+            writer.console_line(done_step, config.total_steps, summary)
+
+    try:
+        while step < config.total_steps:
+            profiler.step(step)
+            batch = next(train_data)
+            device_batch = pipeline_lib.make_global_batch(batch, mesh)
+            with mesh, nn.logical_axis_rules(rules):
+                state, step_metrics = training.train_step(state, device_batch, base_rng)
+            step += 1
+            handle(fetcher.push(step, step_metrics))
+
+            if checkpointer.should_save(step):
+                checkpointer.save(step, state, train_data.get_state())
+            if preemption.should_stop(step):
+                handle(fetcher.flush())
+                checkpointer.save(step, state, train_data.get_state(), force=True)
+                checkpointer.wait_until_finished()
+                console(f"preempted: saved step {step}, stopping")
+                return state
+            if config.train.summary_every and step % config.train.summary_every == 0:
+                writer.write_images(step, task.summaries(state.params, batch))
+            if config.train.eval_every and step % config.train.eval_every == 0:
+                evaluate(task, state, training, mesh, rules, writer, step, console)
+        handle(fetcher.flush())
+        if step not in checkpointer.all_steps():
+            checkpointer.save(step, state, train_data.get_state(), force=True)
+        evaluate(task, state, training, mesh, rules, writer, step, console)
+    finally:
+        profiler.close()
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        writer.close()
+    return state
+
+
+def evaluate(task: Task, state, training: "Training", mesh, rules, writer, step: int,
+             console=print) -> dict:
+    """Mean eval metrics (EMA parameters when kept) over one pass of the eval data."""
+    data = task.eval_data()
+    if data is None:
+        return {}
+    params = state.ema_params if state.ema_params is not None else state.params
+    totals: dict[str, float] = {}
+    count = 0.0
+    for batch in data:
+        device_batch = pipeline_lib.make_global_batch(batch, mesh)
+        with mesh, nn.logical_axis_rules(rules):
+            loss, metrics = training.eval_step(params, device_batch)
+        rows = float(jnp.sum(device_batch["mask"]))  # real rows of the global batch
+        for key, value in {"loss": loss, **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * rows
+        count += rows
+    results = {k: v / max(count, 1.0) for k, v in totals.items()}
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+    console(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+    return results
+
+
+@dataclasses.dataclass
+class Training:
+    """The compiled pieces of a run on one mesh."""
+
+    abstract_state: Any  # ShapeDtypeStructs carrying their shardings
+    state_shardings: Any
+    init: Callable[[jax.Array], Any]  # rng -> state, born sharded
+    train_step: Callable  # (state, batch, rng) -> (state, metrics); state donated
+    eval_step: Callable  # (params, batch) -> (loss, metrics)
+    schedule: Callable[[int], float]
+
+
+def build(config, task: Task, mesh, rules) -> Training:
+    """Abstract state, shardings, the sharded init and the jitted steps of ``task``."""
+    tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
+    use_ema = config.train.ema_decay > 0
+
+    def boxed_state(rng):
+        return step_lib.init_state(task.init(rng), tx, ema=use_ema, rng=rng)
+
+    # Abstract first: shapes and logical names, then mesh shardings, then a jitted
+    # init that materialises every array directly in its shards.
+    with mesh, nn.logical_axis_rules(rules):
+        abstract_boxed = jax.eval_shape(boxed_state, jax.random.key(config.seed))
+        state_shardings = sharding_lib.logical_shardings(abstract_boxed, mesh, rules)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        step_lib.unbox(abstract_boxed), state_shardings)
+    init = jax.jit(lambda rng: step_lib.unbox(boxed_state(rng)),
+                   out_shardings=state_shardings)
+
+    def loss_fn(params, batch, rng):
+        return task.loss(params, batch, rng, train=True)
+
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    replicated = sharding_lib.replicated(mesh)
+    train_step = jax.jit(
+        step_lib.make_train_step(
+            loss_fn, tx, schedule, num_microbatches=config.train.num_microbatches,
+            ema_decay=config.train.ema_decay, mesh=mesh),
+        in_shardings=(state_shardings, batch_sharding, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,))
+    eval_step = jax.jit(
+        lambda params, batch: task.loss(params, batch, jax.random.key(0), train=False),
+        in_shardings=(state_shardings.params, batch_sharding),
+        out_shardings=replicated)
+    return Training(abstract_state, state_shardings, init, train_step, eval_step, schedule)
