@@ -1,4 +1,8 @@
 """Caption tokenizer: training, round trip, fixed length, truncation and BPE-dropout."""
+import io
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -65,6 +69,35 @@ def test_bpe_dropout_only_in_training_and_seeded(model_path):
     # Dropout changes the segmentation, never the text.
     assert set(tok.decode(a)) == {captions[0]}
     assert (a != tokenizer_lib.PAD_ID).sum() > (plain != tokenizer_lib.PAD_ID).sum()
+
+
+def test_bpe_dropout_without_drops_is_sentencepiece_bpe(model_path):
+    rng = np.random.default_rng(1)
+    captions = [" ".join(rng.choice(WORDS + ["zebra", "q", "circles"], size=9))
+                for _ in range(300)]
+    plain = tokenizer_lib.Tokenizer(model_path, text_len=64)
+    almost_no_dropout = tokenizer_lib.Tokenizer(model_path, text_len=64, dropout=1e-12)
+    np.testing.assert_array_equal(almost_no_dropout.encode(captions, train=True, seed=0)[0],
+                                  plain.encode(captions)[0])
+
+
+def test_bpe_dropout_is_the_same_in_another_process(model_path):
+    captions = ["a picture of a small red circle in the top left corner"] * 8
+    tokens, _ = tokenizer_lib.Tokenizer(model_path, 48, dropout=0.1).encode(
+        captions, train=True, seed=7)
+    script = ("import sys, numpy as np; from dalle_jax.data import tokenizer as t; "
+              f"tok = t.Tokenizer({str(model_path)!r}, 48, dropout=0.1); "
+              f"np.save(sys.stdout.buffer, tok.encode({captions!r}, train=True, seed=7)[0])")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True)
+    np.testing.assert_array_equal(np.load(io.BytesIO(out.stdout)), tokens)
+
+
+def test_training_is_deterministic(model_path, tmp_path):
+    rng = np.random.default_rng(0)
+    captions = [" ".join(rng.choice(WORDS, size=rng.integers(4, 12))).upper()
+                for _ in range(3000)]
+    tokenizer_lib.train_tokenizer(captions, tmp_path / "again.model", vocab_size=200)
+    assert (tmp_path / "again.model").read_bytes() == model_path.read_bytes()
 
 
 def test_bad_arguments(model_path, tmp_path):

@@ -304,6 +304,7 @@ class InputPipeline:
         seed = _seed(self.seed, _BPE_DROPOUT, self.process_index,
                      batch["_epoch"][0], batch["_index"][0])[0]
 
+        @tf.autograph.experimental.do_not_convert
         def encode(captions, seed_value):
             return self.tokenizer.encode(list(captions), train=self.train, seed=int(seed_value))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 import time
 from typing import Iterable, Sequence
 
@@ -19,6 +18,7 @@ from absl import logging
 from etils import epath
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 import tqdm
 
 from dalle_jax import files
@@ -26,12 +26,6 @@ from dalle_jax import files
 PAD_ID = 0
 UNK_ID = 1
 TOKENIZER_FILE_NAME = "tokenizer.model"
-
-# sentencepiece keeps one random generator per thread, seeded from a process-wide seed
-# the first time that thread samples. A fresh thread per sampled batch, started while
-# the seed is held under this lock, makes BPE-dropout a pure function of the seed.
-_SAMPLING_LOCK = threading.Lock()
-
 
 def normalize_caption(caption: str | bytes) -> str:
     """Lowercases and strips a caption (bytes are decoded as UTF-8)."""
@@ -86,7 +80,12 @@ def train_tokenizer(
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )
-        files.atomic_write(output_path, epath.Path(prefix + ".model").read_bytes())
+        model = sentencepiece_model_pb2.ModelProto()
+        model.ParseFromString(epath.Path(prefix + ".model").read_bytes())
+        # The temporary paths it was trained from would make equal models differ.
+        del model.trainer_spec.input[:]
+        model.trainer_spec.model_prefix = ""
+        files.atomic_write(output_path, model.SerializeToString(deterministic=True))
     return output_path
 
 
@@ -101,8 +100,13 @@ class Tokenizer:
         self.model_path = str(model_path)
         self.text_len = text_len
         self.dropout = dropout
-        self._sp = spm.SentencePieceProcessor(
-            model_proto=epath.Path(model_path).read_bytes())
+        proto = epath.Path(model_path).read_bytes()
+        self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        model = sentencepiece_model_pb2.ModelProto()
+        model.ParseFromString(proto)
+        if dropout and model.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+            raise ValueError(f"{model_path}: BPE-dropout needs a BPE model")
+        self._merge_scores = None  # piece -> (score, id), built on first sampled encode
         if self._sp.pad_id() != PAD_ID:
             raise ValueError(
                 f"{model_path}: pad id is {self._sp.pad_id()}, expected {PAD_ID}; "
@@ -112,24 +116,46 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
+    def _bpe_tables(self):
+        if self._merge_scores is None:
+            sp = self._sp
+            self._merge_scores = {
+                sp.id_to_piece(i): (sp.get_score(i), i) for i in range(sp.get_piece_size())
+                if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))}
+        return self._merge_scores
+
+    def _bpe_dropout_ids(self, text: str, rng: np.random.Generator) -> list[int]:
+        """BPE with each candidate merge dropped with probability ``dropout``.
+
+        The merges of sentencepiece's BPE model (the pair whose joined piece scores
+        highest, leftmost first), with BPE-dropout (Provilkov et al. 2020) driven by
+        ``rng``, so that a seed fixes the segmentation on any machine. With no merge
+        dropped it gives exactly sentencepiece's own encoding.
+        """
+        pieces_of = self._bpe_tables()
+        ids = []
+        for word in self._sp.normalize(text).replace("\u2581", " \u2581").split(" "):
+            if not word:
+                continue
+            symbols = list(word)
+            while len(symbols) > 1:
+                best, best_score = -1, -np.inf
+                keep = rng.random(len(symbols) - 1) >= self.dropout
+                for i in range(len(symbols) - 1):
+                    merged = pieces_of.get(symbols[i] + symbols[i + 1])
+                    if merged is not None and keep[i] and merged[0] > best_score:
+                        best, best_score = i, merged[0]
+                if best < 0:
+                    break
+                symbols[best:best + 2] = [symbols[best] + symbols[best + 1]]
+            ids.extend(pieces_of.get(piece, (0.0, UNK_ID))[1] for piece in symbols)
+        return ids
+
     def _encode_ids(self, texts: list[str], sample: bool, seed: int | None) -> list[list[int]]:
         if not sample:
             return self._sp.encode(texts, out_type=int)
-        if seed is None:
-            return self._sp.encode(texts, out_type=int, enable_sampling=True,
-                                   alpha=self.dropout, nbest_size=-1)
-        result: list[list[int]] = []
-
-        def encode_in_fresh_thread():
-            result.extend(self._sp.encode(texts, out_type=int, enable_sampling=True,
-                                          alpha=self.dropout, nbest_size=-1, num_threads=1))
-
-        with _SAMPLING_LOCK:
-            spm.set_random_generator_seed(seed % (2**32))
-            worker = threading.Thread(target=encode_in_fresh_thread)
-            worker.start()
-            worker.join()
-        return result
+        rng = np.random.default_rng(None if seed is None else seed % 2**64)
+        return [self._bpe_dropout_ids(text, rng) for text in texts]
 
     def encode(
         self,

@@ -45,8 +45,9 @@ class Checkpointer:
     def __init__(self, directory: str | epath.PathLike, *, save_interval_steps: int,
                  max_to_keep: int | None = 3, keep_period: int | None = None,
                  async_save: bool = True):
+        self.save_interval_steps = save_interval_steps
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_interval_steps,
+            save_interval_steps=1,  # the interval is applied by should_save
             max_to_keep=max_to_keep,
             keep_period=keep_period or None,
             enable_async_checkpointing=async_save,
@@ -63,7 +64,8 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
-        return self._manager.should_save(step)
+        """Every ``save_interval_steps`` steps (orbax alone would also save step 1)."""
+        return step % self.save_interval_steps == 0
 
     def save(self, step: int, state, data_state: Mapping[str, Any] | None = None, *,
              force: bool = False) -> bool:

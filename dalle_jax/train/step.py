@@ -115,7 +115,7 @@ def make_train_step(
     def step(state: TrainState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
         loss, metrics, grads = gradients(state.params, batch, rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -75,8 +75,11 @@ class NonFiniteError(RuntimeError):
 
 
 def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
-                       console=print) -> Any:
-    """Trains ``config.task`` (or ``task``) in ``workdir``; returns the final state."""
+                       devices=None, console=print) -> Any:
+    """Trains ``config.task`` (or ``task``) in ``workdir``; returns the final state.
+
+    ``devices`` (all by default) are those the mesh spans.
+    """
     # ---------------------------------------------------------------- logging
     writer = metrics_lib.MetricWriter(f"{workdir}/tensorboard", console=console)
     if jax.process_index() == 0:
@@ -84,7 +87,7 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
     writer.write_hparams(config.to_dict())
 
     # ---------------------------------------------------------------- mesh
-    mesh = sharding_lib.make_mesh(config.mesh)
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
     rules = sharding_lib.logical_rules(config.sharding)
     logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
     if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
@@ -108,7 +111,7 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
         max_to_keep=config.checkpoint.max_to_keep,
         keep_period=config.checkpoint.keep_every,
         async_save=config.checkpoint.async_save)
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if checkpointer.latest_step() is not None:
             state, data_state, step = checkpointer.restore(training.abstract_state)
             if data_state is None:
@@ -172,7 +175,7 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
             profiler.step(step)
             batch = next(train_data)
             device_batch = pipeline_lib.make_global_batch(batch, mesh)
-            with mesh, nn.logical_axis_rules(rules):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
                 state, step_metrics = training.train_step(state, device_batch, base_rng)
             step += 1
             handle(fetcher.push(step, step_metrics))
@@ -212,7 +215,7 @@ def evaluate(task: Task, state, training: "Training", mesh, rules, writer, step:
     count = 0.0
     for batch in data:
         device_batch = pipeline_lib.make_global_batch(batch, mesh)
-        with mesh, nn.logical_axis_rules(rules):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             loss, metrics = training.eval_step(params, device_batch)
         rows = float(jnp.sum(device_batch["mask"]))  # real rows of the global batch
         for key, value in {"loss": loss, **metrics}.items():
@@ -246,7 +249,7 @@ def build(config, task: Task, mesh, rules) -> Training:
 
     # Abstract first: shapes and logical names, then mesh shardings, then a jitted
     # init that materialises every array directly in its shards.
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract_boxed = jax.eval_shape(boxed_state, jax.random.key(config.seed))
         state_shardings = sharding_lib.logical_shardings(abstract_boxed, mesh, rules)
     abstract_state = jax.tree.map(
