@@ -96,6 +96,25 @@ def test_gradient_accumulation_matches_full_batch():
                  jax.device_get(accumulated.params), jax.device_get(full.params))
 
 
+def test_bf16_compute_keeps_fp32_parameters_and_loss(single_device_run):
+    reference_params, reference_losses = single_device_run
+    state, losses, _ = _run_steps(_config(compute_dtype="bfloat16"))
+    dtypes = {x.dtype for x in jax.tree.leaves(state.params)}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == dtypes
+    np.testing.assert_allclose(losses, reference_losses, rtol=3e-2)
+    assert losses != reference_losses, "bf16 compute should round differently"
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_rematerialisation_does_not_change_the_step(single_device_run, policy):
+    reference_params, reference_losses = single_device_run
+    state, losses, _ = _run_steps(_config(remat_policy=policy))
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 jax.device_get(state.params), reference_params)
+
+
 def test_nonfinite_updates_are_skipped_and_counted():
     tx = optax.adam(0.1)
     step = jax.jit(step_lib.make_train_step(
@@ -216,3 +235,24 @@ def test_checkpoint_restores_on_another_mesh_and_continues(tmp_path):
                  _final_params(resumed), _final_params(reference))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
                  jax.device_get(resumed.ema_params), jax.device_get(reference.ema_params))
+
+
+def test_loop_writes_metrics_summaries_and_profile(tmp_path):
+    import tensorflow as tf
+    config = _config((8, 1, 1), log_every=2, summary_every=3, eval_every=4)
+    config.total_steps = 6
+    config.profile.update(start_step=2, num_steps=1)
+    lines = []
+    trainer.train_and_evaluate(config, str(tmp_path), console=lines.append)
+    step_lines = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in step_lines] == ["step 2/6", "step 4/6", "step 6/6"]
+    assert all(k in step_lines[-1] for k in ("loss", "lr", "grad_norm", "ex/s", "mfu", "eta"))
+    assert sum(line.startswith("eval at step") for line in lines) == 2  # steps 4 and 6
+    tags = set()
+    for event_file in tf.io.gfile.glob(str(tmp_path / "tensorboard" / "*")):
+        for event in tf.compat.v1.train.summary_iterator(event_file):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"train/loss", "train/mfu", "train/examples_per_sec", "eval/loss",
+            "inputs"} <= tags
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert (tmp_path / "config.json").exists()

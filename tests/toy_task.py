@@ -16,6 +16,7 @@ import numpy as np
 from dalle_jax.config import parse_arg
 from dalle_jax.data import pipeline as pipeline_lib
 from dalle_jax.data import tokenizer as tokenizer_lib
+from dalle_jax.train import step as step_lib
 from dalle_jax.train.defaults import core_config
 
 
@@ -43,11 +44,27 @@ def get_config(arg=None):
     return config
 
 
+class ToyBlock(nn.Module):
+    """The part that is rematerialised when config.train.remat_policy asks."""
+    embed: int
+    mlp: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.LayerNorm(dtype=self.dtype, scale_init=nn.with_logical_partitioning(
+            nn.initializers.ones, ("embed",)))(x)
+        x = nn.Dense(self.mlp, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("embed", "mlp")))(x)
+        return nn.gelu(x)
+
+
 class ToyModel(nn.Module):
     embed: int
     mlp: int
     vocab: int
     dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "none"
 
     @nn.compact
     def __call__(self, image, text_tokens):
@@ -60,14 +77,14 @@ class ToyModel(nn.Module):
             nn.initializers.normal(0.02), ("vocab", "embed")))(text_tokens)
         x = x + text.mean(axis=1).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "embed"))
-        x = nn.LayerNorm(dtype=self.dtype, scale_init=nn.with_logical_partitioning(
-            nn.initializers.ones, ("embed",)))(x)
-        x = nn.Dense(self.mlp, dtype=self.dtype, kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), ("embed", "mlp")))(x)
+        block = ToyBlock
+        if self.remat_policy != "none":
+            block = nn.remat(ToyBlock, policy=step_lib.remat_policy(self.remat_policy))
+        x = block(self.embed, self.mlp, self.dtype, name="block")(x)
         out = nn.Dense(image.size // image.shape[0] // 4, dtype=self.dtype,
                        kernel_init=nn.with_logical_partitioning(
-                           nn.initializers.lecun_normal(), ("mlp", "embed")))(nn.gelu(x))
-        return out.astype(jnp.float32)
+                           nn.initializers.lecun_normal(), ("mlp", "embed")))(x)
+        return out.astype(jnp.float32)  # the loss in fp32 whatever the compute dtype
 
 
 class SyntheticData:
@@ -111,7 +128,9 @@ class ToyTask:
         del mesh
         self.config = config
         self.workdir = workdir
-        self.model = ToyModel(config.model.embed, config.model.mlp, config.model.vocab)
+        self.model = ToyModel(config.model.embed, config.model.mlp, config.model.vocab,
+                              dtype=jnp.dtype(config.train.compute_dtype),
+                              remat_policy=config.train.remat_policy)
         size = config.data.image_size
         pixels = size * size * 3
         m, e, v = config.model.mlp, config.model.embed, config.model.vocab
