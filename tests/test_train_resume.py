@@ -43,15 +43,18 @@ def _run(command):
     return result.stdout
 
 
-def _run_until_step(command, step, sig):
-    """Starts a run, sends ``sig`` once it reports ``step``; returns (rc, stdout)."""
+def _run_until_step(command, step, sig, after_checkpoint=None):
+    """Starts a run and sends ``sig`` once it reports ``step`` or a later one (and
+    the checkpoint directory ``after_checkpoint`` is committed); returns (rc, stdout)."""
     process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
     lines = []
     try:
         for line in process.stdout:
             lines.append(line)
-            if line.startswith(f"step {step}/"):
+            reported = re.match(r"step (\d+)/", line)
+            if (reported and int(reported.group(1)) >= step and
+                    (after_checkpoint is None or after_checkpoint.exists())):
                 process.send_signal(sig)
                 break
         lines.extend(process.stdout)
@@ -93,7 +96,9 @@ def reference(tmp_path_factory, shapes_dir):
 def test_exact_resume_after_sigkill(reference, shapes_dir, tmp_path, kill_at, save_every):
     command = _command(tmp_path, f"--config.data.data_dir={shapes_dir}",
                        f"--config.checkpoint.save_every={save_every}")
-    returncode, _ = _run_until_step(command, kill_at, signal.SIGKILL)
+    # Killed once a checkpoint is committed, at or after step ``kill_at``.
+    returncode, _ = _run_until_step(command, kill_at, signal.SIGKILL,
+                                    tmp_path / "checkpoints" / str(save_every))
     assert returncode == -signal.SIGKILL
     output = _run(command)
     resumed_from = int(re.search(r"resumed from step (\d+)", output).group(1))

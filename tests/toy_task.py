@@ -40,7 +40,7 @@ def get_config(arg=None):
         holdout_pairs=(("green", "triangle"),), dataset_seed=0, preprocess="resize",
         shuffle_buffer=64, image_key="image", caption_key="caption"))
     config.text = ml_collections.ConfigDict(dict(
-        tokenizer="", vocab_size=64, model_type="bpe", text_len=16, bpe_dropout=0.1))
+        tokenizer="", vocab_size=64, model_type="bpe", text_len=32, bpe_dropout=0.1))
     return config
 
 
