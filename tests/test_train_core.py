@@ -121,9 +121,11 @@ def test_rematerialisation_does_not_change_the_step(single_device_run, policy):
 def test_nonfinite_updates_are_skipped_and_counted():
     tx = optax.adam(0.1)
     step = jax.jit(step_lib.make_train_step(
-        lambda p, b, r: (jnp.mean((p["w"] * b["x"]) ** 2), {}), tx,
-        optax.constant_schedule(0.1), ema_decay=0.5))
-    state = step_lib.init_state({"w": jnp.ones((4,))}, tx, ema=True, rng=jax.random.key(0))
+        lambda p, s, b, r: (jnp.mean((p["w"] * b["x"]) ** 2), {},
+                            {"stats": {"seen": s["stats"]["seen"] + 1}}),
+        tx, optax.constant_schedule(0.1), ema_decay=0.5))
+    state = step_lib.init_state({"params": {"w": jnp.ones((4,))}, "stats": {"seen": 0}},
+                                tx, ema=True, rng=jax.random.key(0))
     good = {"x": jnp.arange(4.0)}
     bad = {"x": jnp.array([1.0, jnp.nan, 2.0, 3.0])}
     rng = jax.random.key_data(jax.random.key(1))
@@ -134,7 +136,8 @@ def test_nonfinite_updates_are_skipped_and_counted():
     state, metrics = step(state, {"x": jnp.full((4,), jnp.inf)}, rng)
     assert int(state.step) == 3 and metrics["update_skipped"] == 1
     assert int(state.nonfinite_streak) == 2 and int(state.nonfinite_total) == 2
-    for name in ("params", "opt_state", "ema_params"):
+    assert int(state.model_state["stats"]["seen"]) == 1, "skipped updates keep the state"
+    for name in ("params", "model_state", "opt_state", "ema_params"):
         jax.tree.map(np.testing.assert_array_equal, getattr(jax.device_get(state), name),
                      getattr(before, name))
     state, metrics = step(state, good, rng)
@@ -145,9 +148,10 @@ def test_nonfinite_updates_are_skipped_and_counted():
 class _PoisonedTask(toy_task.ToyTask):
     """The toy stage whose loss turns NaN from the 6th batch on."""
 
-    def loss(self, params, batch, rng, *, train):
-        loss, metrics = super().loss(params, batch, rng, train=train)
-        return loss * batch["scale"][0], metrics
+    def loss(self, params, model_state, batch, rng, *, train):
+        loss, metrics, model_state = super().loss(params, model_state, batch, rng,
+                                                  train=train)
+        return loss * batch["scale"][0], metrics, model_state
 
     def train_data(self):
         data = super().train_data()

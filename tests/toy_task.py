@@ -158,9 +158,9 @@ class ToyTask:
         size = c.data.image_size
         image = jnp.zeros((1, size, size, 3), jnp.uint8)
         tokens = jnp.zeros((1, c.text.text_len), jnp.int32)
-        return self.model.init(rng, image, tokens)["params"]
+        return self.model.init(rng, image, tokens)
 
-    def loss(self, params, batch, rng, *, train):
+    def loss(self, params, model_state, batch, rng, *, train):
         del rng, train
         image = batch["image"]
         prediction = self.model.apply({"params": params}, image, batch["text_tokens"])
@@ -170,7 +170,7 @@ class ToyTask:
         mask = batch["mask"].astype(jnp.float32)
         per_example = jnp.mean((prediction - target) ** 2, axis=-1)
         loss = jnp.sum(per_example * mask) / jnp.maximum(mask.sum(), 1.0)
-        return loss, {"mse": loss}
+        return loss, {"mse": loss}, model_state
 
     def train_data(self):
         if self.config.data.source == "synthetic":
@@ -184,8 +184,8 @@ class ToyTask:
         return pipeline_lib.make_pipeline(self.config, "validation", train=False,
                                           tokenizer=self._text())
 
-    def summaries(self, params, batch):
-        del params
+    def summaries(self, params, model_state, batch):
+        del params, model_state
         return {"inputs": batch["image"][:4]}
 
 

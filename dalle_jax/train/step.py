@@ -39,6 +39,9 @@ class TrainState:
 
     step: jax.Array  # int32, updates applied or skipped so far
     params: Any
+    # Variables updated by the model itself rather than by gradients (for example
+    # a VQ-VAE's EMA codebook); an empty dict for most models.
+    model_state: Any
     opt_state: Any
     ema_params: Any  # None when config.train.ema_decay == 0
     rng: jax.Array  # uint32 key data: the run's base key; step keys fold in the step
@@ -46,13 +49,19 @@ class TrainState:
     nonfinite_total: jax.Array  # int32, all skipped updates
 
 
-def init_state(params, tx: optax.GradientTransformation, *, ema: bool,
+def init_state(variables, tx: optax.GradientTransformation, *, ema: bool,
                rng: jax.Array) -> TrainState:
-    """A fresh state; works on logically boxed params (to derive shardings) too."""
+    """A fresh state from a model's variables (``{"params": ..., other collections}``).
+
+    Works on logically boxed variables (to derive shardings) too.
+    """
+    variables = dict(variables)
+    params = variables.pop("params")
     zero = jnp.zeros((), jnp.int32)
     return TrainState(
         step=zero,
         params=params,
+        model_state=variables,
         opt_state=tx.init(params),
         ema_params=jax.tree.map(jnp.copy, params) if ema else None,
         rng=jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
@@ -88,33 +97,46 @@ def make_train_step(
 ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds ``step(state, batch, rng) -> (state, metrics)``; jit it with shardings.
 
-    ``loss_fn(params, batch, rng) -> (loss, metrics)`` returns an fp32 scalar loss that
-    is a mean over the batch (so averaging micro-batch gradients is exact).
+    ``loss_fn(params, model_state, batch, rng) -> (loss, metrics, model_state)``
+    returns an fp32 scalar loss that is a mean over the batch (so averaging micro-batch
+    gradients is exact) and the model state after this batch (micro-batches update it
+    in turn).
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    def loss_with_aux(params, model_state, batch, rng):
+        loss, metrics, model_state = loss_fn(params, model_state, batch, rng)
+        return loss, (metrics, model_state)
 
-    def gradients(params, batch, rng):
+    grad_fn = jax.value_and_grad(loss_with_aux, has_aux=True)
+
+    def gradients(params, model_state, batch, rng):
         if num_microbatches == 1:
-            (loss, metrics), grads = grad_fn(params, batch, rng)
-            return loss, metrics, grads
+            (loss, (metrics, model_state)), grads = grad_fn(params, model_state, batch, rng)
+            return loss, metrics, grads, model_state
         micro = _split_microbatches(batch, num_microbatches, mesh)
 
         def accumulate(carry, inputs):
+            totals, model_state = carry
             index, microbatch = inputs
-            (loss, metrics), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
-            total = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
-            return total, None
+            (loss, (metrics, model_state)), grads = grad_fn(
+                params, model_state, microbatch, jax.random.fold_in(rng, index))
+            totals = jax.tree.map(jnp.add, totals, (loss, metrics, grads))
+            return (totals, model_state), None
 
-        (loss, metrics, grads), _ = jax.lax.scan(
-            accumulate, _zeros_of(grad_fn, params, micro, rng),
-            (jnp.arange(num_microbatches), micro))
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda: grad_fn(params, model_state, first, rng))
+        (loss_shape, (metrics_shape, _)), grads_shape = shapes
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32),
+                             (loss_shape, metrics_shape, grads_shape))
+        ((loss, metrics, grads), model_state), _ = jax.lax.scan(
+            accumulate, (zeros, model_state), (jnp.arange(num_microbatches), micro))
         scale = 1.0 / num_microbatches
-        return loss * scale, jax.tree.map(lambda m: m * scale, metrics), jax.tree.map(
-            lambda g: g * scale, grads)
+        return (loss * scale, jax.tree.map(lambda m: m * scale, metrics),
+                jax.tree.map(lambda g: g * scale, grads), model_state)
 
     def step(state: TrainState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
-        loss, metrics, grads = gradients(state.params, batch, rng)
+        loss, metrics, grads, model_state = gradients(
+            state.params, state.model_state, batch, rng)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -130,6 +152,7 @@ def make_train_step(
         new_state = state.replace(
             step=state.step + 1,
             params=keep_if_finite(params, state.params),
+            model_state=keep_if_finite(model_state, state.model_state),
             opt_state=keep_if_finite(opt_state, state.opt_state),
             ema_params=None if ema is None else keep_if_finite(ema, state.ema_params),
             nonfinite_streak=streak,
@@ -146,14 +169,6 @@ def make_train_step(
         return new_state, metrics
 
     return step
-
-
-def _zeros_of(grad_fn, params, micro, rng):
-    """Zeros shaped like one micro-batch's (loss, metrics, grads), in fp32."""
-    shapes = jax.eval_shape(
-        lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng))
-    (loss, metrics), grads = shapes
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (loss, metrics, grads))
 
 
 def unbox(tree):

@@ -46,11 +46,14 @@ class Task(Protocol):
     # Model FLOPs of one training example (forward and backward), for MFU; or None.
     flops_per_example: float | None
 
-    def init(self, rng: jax.Array) -> Any:
-        """The model's parameters, with logical partitioning boxes."""
+    def init(self, rng: jax.Array) -> dict[str, Any]:
+        """The model's variables (``"params"`` and any other collections), with
+        logical partitioning boxes."""
 
-    def loss(self, params, batch, rng, *, train: bool) -> tuple[jax.Array, dict]:
-        """fp32 scalar loss (a mean over the batch's real rows) and fp32 metrics."""
+    def loss(self, params, model_state, batch, rng, *,
+             train: bool) -> tuple[jax.Array, dict, Any]:
+        """fp32 scalar loss (a mean over the batch's real rows), fp32 metrics, and the
+        model state (non-gradient collections) after this batch."""
 
     def train_data(self) -> DataIterator:
         """This process's share of the training batches."""
@@ -58,7 +61,7 @@ class Task(Protocol):
     def eval_data(self) -> Iterator[dict[str, np.ndarray]] | None:
         """One pass over this process's share of the eval set, or None."""
 
-    def summaries(self, params, batch) -> dict[str, np.ndarray]:
+    def summaries(self, params, model_state, batch) -> dict[str, np.ndarray]:
         """Images to log (uint8 [H, W, 3] or [N, H, W, 3]); may be empty."""
 
 
@@ -189,7 +192,8 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
                 console(f"preempted: saved step {step}, stopping")
                 return state
             if config.train.summary_every and step % config.train.summary_every == 0:
-                writer.write_images(step, task.summaries(state.params, batch))
+                writer.write_images(step, task.summaries(state.params, state.model_state,
+                                                         batch))
             if config.train.eval_every and step % config.train.eval_every == 0:
                 evaluate(task, state, training, mesh, rules, writer, step, console)
         handle(fetcher.flush())
@@ -216,7 +220,7 @@ def evaluate(task: Task, state, training: "Training", mesh, rules, writer, step:
     for batch in data:
         device_batch = pipeline_lib.make_global_batch(batch, mesh)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            loss, metrics = training.eval_step(params, device_batch)
+            loss, metrics = training.eval_step(params, state.model_state, device_batch)
         rows = float(jnp.sum(device_batch["mask"]))  # real rows of the global batch
         for key, value in {"loss": loss, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + float(value) * rows
@@ -235,7 +239,7 @@ class Training:
     state_shardings: Any
     init: Callable[[jax.Array], Any]  # rng -> state, born sharded
     train_step: Callable  # (state, batch, rng) -> (state, metrics); state donated
-    eval_step: Callable  # (params, batch) -> (loss, metrics)
+    eval_step: Callable  # (params, model_state, batch) -> (loss, metrics)
     schedule: Callable[[int], float]
 
 
@@ -258,8 +262,8 @@ def build(config, task: Task, mesh, rules) -> Training:
     init = jax.jit(lambda rng: step_lib.unbox(boxed_state(rng)),
                    out_shardings=state_shardings)
 
-    def loss_fn(params, batch, rng):
-        return task.loss(params, batch, rng, train=True)
+    def loss_fn(params, model_state, batch, rng):
+        return task.loss(params, model_state, batch, rng, train=True)
 
     batch_sharding = sharding_lib.batch_sharding(mesh)
     replicated = sharding_lib.replicated(mesh)
@@ -271,7 +275,8 @@ def build(config, task: Task, mesh, rules) -> Training:
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,))
     eval_step = jax.jit(
-        lambda params, batch: task.loss(params, batch, jax.random.key(0), train=False),
-        in_shardings=(state_shardings.params, batch_sharding),
+        lambda params, model_state, batch: task.loss(
+            params, model_state, batch, jax.random.key(0), train=False)[:2],
+        in_shardings=(state_shardings.params, state_shardings.model_state, batch_sharding),
         out_shardings=replicated)
     return Training(abstract_state, state_shardings, init, train_step, eval_step, schedule)
