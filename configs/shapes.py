@@ -12,6 +12,7 @@ Arguments after ':' (comma-separated): runlocal (small and fast), res=32|64|128|
 Any field can be overridden: --config.data.num_train=10000 --config.batch_size=32.
 """
 from dalle_jax.config import parse_arg
+from dalle_jax.data import presets
 import ml_collections
 from ml_collections import config_dict
 
@@ -22,23 +23,7 @@ def get_config(arg=None):
     config.seed = 0  # input order, augmentation and BPE-dropout
     config.batch_size = 64  # global, split evenly over the processes
 
-    config.data = ml_collections.ConfigDict()
-    config.data.source = "captioned_shapes"
-    config.data.data_dir = config_dict.placeholder(str)  # None: tfds's default folder
-    config.data.name = "captioned_shapes"
-    config.data.image_size = arg.res
-    config.data.num_train = 50_000
-    config.data.num_validation = 2_000
-    config.data.num_test = 2_000
-    config.data.num_holdout = 2_000
-    # (colour, shape) pairs kept out of train/validation/test: the holdout split.
-    config.data.holdout_pairs = (("green", "triangle"), ("purple", "circle"),
-                                 ("orange", "square"))
-    config.data.dataset_seed = 0  # same seed, byte-identical dataset
-    config.data.image_key = "image"
-    config.data.caption_key = "caption"
-    config.data.preprocess = "resize"  # synthetic images: a plain resize, no crops
-    config.data.shuffle_buffer = 10_000
+    config.data = presets.captioned_shapes(arg.res, arg.runlocal)
 
     config.text = ml_collections.ConfigDict()
     config.text.tokenizer = config_dict.placeholder(str)  # None: <workdir>/tokenizer.model
@@ -53,8 +38,5 @@ def get_config(arg=None):
     config.demo.split = "train"
 
     if arg.runlocal:
-        config.data.num_train = 2_000
-        config.data.num_validation = config.data.num_test = config.data.num_holdout = 200
-        config.data.shuffle_buffer = 1_000
         config.batch_size = 16
     return config

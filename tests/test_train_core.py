@@ -121,7 +121,7 @@ def test_rematerialisation_does_not_change_the_step(single_device_run, policy):
 def test_nonfinite_updates_are_skipped_and_counted():
     tx = optax.adam(0.1)
     step = jax.jit(step_lib.make_train_step(
-        lambda p, s, b, r: (jnp.mean((p["w"] * b["x"]) ** 2), {},
+        lambda p, s, b, r, step: (jnp.mean((p["w"] * b["x"]) ** 2), {},
                             {"stats": {"seen": s["stats"]["seen"] + 1}}),
         tx, optax.constant_schedule(0.1), ema_decay=0.5))
     state = step_lib.init_state({"params": {"w": jnp.ones((4,))}, "stats": {"seen": 0}},
@@ -148,9 +148,9 @@ def test_nonfinite_updates_are_skipped_and_counted():
 class _PoisonedTask(toy_task.ToyTask):
     """The toy stage whose loss turns NaN from the 6th batch on."""
 
-    def loss(self, params, model_state, batch, rng, *, train):
+    def loss(self, params, model_state, batch, rng, *, train, step):
         loss, metrics, model_state = super().loss(params, model_state, batch, rng,
-                                                  train=train)
+                                                  train=train, step=step)
         return loss * batch["scale"][0], metrics, model_state
 
     def train_data(self):

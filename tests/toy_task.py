@@ -160,8 +160,8 @@ class ToyTask:
         tokens = jnp.zeros((1, c.text.text_len), jnp.int32)
         return self.model.init(rng, image, tokens)
 
-    def loss(self, params, model_state, batch, rng, *, train):
-        del rng, train
+    def loss(self, params, model_state, batch, rng, *, train, step):
+        del rng, train, step
         image = batch["image"]
         prediction = self.model.apply({"params": params}, image, batch["text_tokens"])
         b, h, w, _ = image.shape

@@ -97,20 +97,21 @@ def make_train_step(
 ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds ``step(state, batch, rng) -> (state, metrics)``; jit it with shardings.
 
-    ``loss_fn(params, model_state, batch, rng) -> (loss, metrics, model_state)``
+    ``loss_fn(params, model_state, batch, rng, step) -> (loss, metrics, model_state)``
     returns an fp32 scalar loss that is a mean over the batch (so averaging micro-batch
     gradients is exact) and the model state after this batch (micro-batches update it
     in turn).
     """
-    def loss_with_aux(params, model_state, batch, rng):
-        loss, metrics, model_state = loss_fn(params, model_state, batch, rng)
+    def loss_with_aux(params, model_state, batch, rng, step):
+        loss, metrics, model_state = loss_fn(params, model_state, batch, rng, step)
         return loss, (metrics, model_state)
 
     grad_fn = jax.value_and_grad(loss_with_aux, has_aux=True)
 
-    def gradients(params, model_state, batch, rng):
+    def gradients(params, model_state, batch, rng, step):
         if num_microbatches == 1:
-            (loss, (metrics, model_state)), grads = grad_fn(params, model_state, batch, rng)
+            (loss, (metrics, model_state)), grads = grad_fn(params, model_state, batch, rng,
+                                                            step)
             return loss, metrics, grads, model_state
         micro = _split_microbatches(batch, num_microbatches, mesh)
 
@@ -118,12 +119,12 @@ def make_train_step(
             totals, model_state = carry
             index, microbatch = inputs
             (loss, (metrics, model_state)), grads = grad_fn(
-                params, model_state, microbatch, jax.random.fold_in(rng, index))
+                params, model_state, microbatch, jax.random.fold_in(rng, index), step)
             totals = jax.tree.map(jnp.add, totals, (loss, metrics, grads))
             return (totals, model_state), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(lambda: grad_fn(params, model_state, first, rng))
+        shapes = jax.eval_shape(lambda: grad_fn(params, model_state, first, rng, step))
         (loss_shape, (metrics_shape, _)), grads_shape = shapes
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32),
                              (loss_shape, metrics_shape, grads_shape))
@@ -136,7 +137,7 @@ def make_train_step(
     def step(state: TrainState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
         loss, metrics, grads, model_state = gradients(
-            state.params, state.model_state, batch, rng)
+            state.params, state.model_state, batch, rng, state.step)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -50,10 +50,11 @@ class Task(Protocol):
         """The model's variables (``"params"`` and any other collections), with
         logical partitioning boxes."""
 
-    def loss(self, params, model_state, batch, rng, *,
-             train: bool) -> tuple[jax.Array, dict, Any]:
+    def loss(self, params, model_state, batch, rng, *, train: bool,
+             step: jax.Array) -> tuple[jax.Array, dict, Any]:
         """fp32 scalar loss (a mean over the batch's real rows), fp32 metrics, and the
-        model state (non-gradient collections) after this batch."""
+        model state (non-gradient collections) after this batch. ``step`` counts the
+        updates before this one (for schedules such as annealed temperatures)."""
 
     def train_data(self) -> DataIterator:
         """This process's share of the training batches."""
@@ -220,7 +221,8 @@ def evaluate(task: Task, state, training: "Training", mesh, rules, writer, step:
     for batch in data:
         device_batch = pipeline_lib.make_global_batch(batch, mesh)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            loss, metrics = training.eval_step(params, state.model_state, device_batch)
+            loss, metrics = training.eval_step(params, state.model_state, device_batch,
+                                               state.step)
         rows = float(jnp.sum(device_batch["mask"]))  # real rows of the global batch
         for key, value in {"loss": loss, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + float(value) * rows
@@ -239,7 +241,7 @@ class Training:
     state_shardings: Any
     init: Callable[[jax.Array], Any]  # rng -> state, born sharded
     train_step: Callable  # (state, batch, rng) -> (state, metrics); state donated
-    eval_step: Callable  # (params, model_state, batch) -> (loss, metrics)
+    eval_step: Callable  # (params, model_state, batch, step) -> (loss, metrics)
     schedule: Callable[[int], float]
 
 
@@ -262,8 +264,8 @@ def build(config, task: Task, mesh, rules) -> Training:
     init = jax.jit(lambda rng: step_lib.unbox(boxed_state(rng)),
                    out_shardings=state_shardings)
 
-    def loss_fn(params, model_state, batch, rng):
-        return task.loss(params, model_state, batch, rng, train=True)
+    def loss_fn(params, model_state, batch, rng, step):
+        return task.loss(params, model_state, batch, rng, train=True, step=step)
 
     batch_sharding = sharding_lib.batch_sharding(mesh)
     replicated = sharding_lib.replicated(mesh)
@@ -275,8 +277,9 @@ def build(config, task: Task, mesh, rules) -> Training:
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,))
     eval_step = jax.jit(
-        lambda params, model_state, batch: task.loss(
-            params, model_state, batch, jax.random.key(0), train=False)[:2],
-        in_shardings=(state_shardings.params, state_shardings.model_state, batch_sharding),
+        lambda params, model_state, batch, step: task.loss(
+            params, model_state, batch, jax.random.key(0), train=False, step=step)[:2],
+        in_shardings=(state_shardings.params, state_shardings.model_state, batch_sharding,
+                      replicated),
         out_shardings=replicated)
     return Training(abstract_state, state_shardings, init, train_step, eval_step, schedule)

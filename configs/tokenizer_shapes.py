@@ -1,0 +1,63 @@
+r"""Stage 1 on captioned shapes: a dVAE (default) or VQ-VAE turning 64 px into 8x8 codes.
+
+  python -m dalle_jax.tools.train --config=configs/tokenizer_shapes.py --workdir=runs/dvae_shapes
+  python -m dalle_jax.tools.train --config=configs/tokenizer_shapes.py:kind=vqvae \
+      --workdir=runs/vqvae_shapes
+
+Then measure it on the validation split:
+
+  python -m dalle_jax.tools.eval_tokenizer --config=configs/tokenizer_shapes.py \
+      --workdir=runs/dvae_shapes
+
+Arguments after ':' : kind=dvae|vqvae, runlocal (a few steps on a small dataset).
+"""
+from dalle_jax.config import parse_arg
+from dalle_jax.data import presets
+from dalle_jax.train.defaults import core_config
+import ml_collections
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, kind="dvae", runlocal=False)
+    config = core_config()
+    config.task = "dalle_jax.stages.image_tokenizer"
+    config.batch_size = 32
+    config.total_steps = 3_000
+    config.data = presets.captioned_shapes(64, arg.runlocal)
+
+    config.model = ml_collections.ConfigDict(dict(
+        kind=arg.kind,
+        vocab_size=512,
+        n_hid=32,
+        n_blk_per_group=1,
+        group_count=4,  # 3 poolings: 64 px -> 8 x 8 codes
+        n_init=32,
+        code_dim=32,  # vqvae
+        vq_decay=0.99,
+        vq_restart_threshold=1.0,
+        recon_loss="logit_laplace" if arg.kind == "dvae" else "mse",
+    ))
+    # The paper's schedules, scaled to the run: temperature 1 -> 1/16 (cosine) and
+    # KL weight 0 -> 6.6 (cosine), over fractions of the run instead of 150k / 5k steps.
+    config.stage1 = ml_collections.ConfigDict(dict(
+        temperature_start=1.0,
+        temperature_end=1.0 / 16,
+        temperature_steps=config.total_steps,
+        kl_weight=6.6,
+        kl_warmup_steps=config.total_steps // 10,
+        commitment_weight=0.25,
+        eval_split="validation",
+    ))
+    config.optimizer.update(learning_rate=2e-3, warmup_steps=100, end_learning_rate=2e-5,
+                            b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
+    config.train.update(ema_decay=0.99, log_every=100, eval_every=1_000, summary_every=500)
+    config.checkpoint.save_every = 500
+
+    if arg.runlocal:
+        config.total_steps = 20
+        config.stage1.temperature_steps = 20
+        config.stage1.kl_warmup_steps = 5
+        config.optimizer.warmup_steps = 5
+        config.train.update(log_every=5, eval_every=0, summary_every=10)
+        config.checkpoint.save_every = 10
+    return config

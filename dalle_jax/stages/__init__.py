@@ -1,0 +1,1 @@
+"""Stages: what each stage of DALL·E supplies to the shared training core (a Task)."""

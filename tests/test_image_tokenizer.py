@@ -1,0 +1,140 @@
+"""Stage 1 pieces: schedules, the logit-Laplace loss, the EMA vector quantiser, the task."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dalle_jax.config import load_config_file
+from dalle_jax.models import vq as vq_lib
+from dalle_jax.stages import image_tokenizer as stage1
+from dalle_jax.train import sharding as sharding_lib
+from dalle_jax.train import trainer
+
+
+def test_cosine_anneal_follows_the_paper_schedules():
+    temperature = [float(stage1.cosine_anneal(s, 1.0, 1 / 16, 100)) for s in (0, 50, 100, 200)]
+    assert temperature == pytest.approx([1.0, (1 + 1 / 16) / 2, 1 / 16, 1 / 16])
+    beta = [float(stage1.cosine_anneal(s, 0.0, 6.6, 10)) for s in (0, 5, 10)]
+    assert beta == pytest.approx([0.0, 3.3, 6.6])
+
+
+def test_logit_laplace_nll_is_the_negative_log_density():
+    x = jnp.array([[0.15, 0.5, 0.85]])
+    mu, log_b = jnp.array([[0.3, -0.2, 1.0]]), jnp.array([[-0.5, 0.0, 0.7]])
+    nll = stage1.logit_laplace_nll(jnp.concatenate([mu, log_b], -1), x)
+    b = np.exp(log_b)
+    logit = np.log(x / (1 - x))
+    density = np.exp(-np.abs(logit - mu) / b) / (2 * b * x * (1 - x))
+    np.testing.assert_allclose(nll, -np.log(density), rtol=1e-5)
+    # It is a density over (0, 1): it integrates to one.
+    grid = np.linspace(1e-6, 1 - 1e-6, 200_001)
+    values = np.exp(-stage1.logit_laplace_nll(
+        jnp.broadcast_to(jnp.array([0.4, -0.3]), (grid.size, 2)), jnp.asarray(grid)[:, None]))
+    assert float(np.trapezoid(np.asarray(values)[:, 0], grid)) == pytest.approx(1.0, abs=1e-3)
+
+
+def _vq(restart_threshold=0.0):
+    module = vq_lib.VectorQuantizer(codebook_size=4, code_dim=2, decay=0.5,
+                                    restart_threshold=restart_threshold)
+    variables = module.init({"params": jax.random.key(0), "vq": jax.random.key(1)},
+                            jnp.zeros((1, 2)), train=False)
+    codebook = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    vq_state = dict(variables["vq"], codebook=codebook, embed_sum=codebook,
+                    cluster_size=jnp.ones((4,)))
+    return module, {"vq": vq_state}
+
+
+def test_vector_quantiser_snaps_passes_gradients_and_learns_by_ema():
+    module, variables = _vq()
+    z = jnp.array([[0.1, -0.1], [0.9, 0.2], [0.8, 0.0], [0.2, 1.1]])
+    (quantized, codes, stats), new = module.apply(variables, z, train=True, mutable=["vq"],
+                                                  rngs={"vq": jax.random.key(2)})
+    assert codes.tolist() == [0, 1, 1, 2]
+    np.testing.assert_allclose(quantized, variables["vq"]["codebook"][codes], atol=1e-6)
+    assert float(stats["codes_used"]) == 0.75
+    assert float(stats["perplexity"]) == pytest.approx(math.exp(-(2 * 0.25 * math.log(0.25)
+                                                                  + 0.5 * math.log(0.5))))
+    expected_commitment = float(jnp.mean((z - variables["vq"]["codebook"][codes]) ** 2))
+    assert float(stats["commitment"]) == pytest.approx(expected_commitment)
+    # Straight-through: d(quantized)/dz is the identity.
+    grad = jax.grad(lambda z: module.apply(variables, z, train=False)[0].sum())(z)
+    np.testing.assert_array_equal(grad, jnp.ones_like(z))
+    # EMA: entry 1 moves halfway (decay 0.5) towards the mean of its two vectors.
+    moved = new["vq"]["codebook"][1]
+    mean = (z[1] + z[2]) / 2
+    sizes = 0.5 * 1 + 0.5 * jnp.array([1.0, 2.0, 1.0, 0.0])
+    smoothed = (sizes + 1e-5) / (sizes.sum() + 4e-5) * sizes.sum()
+    np.testing.assert_allclose(moved, (0.5 * jnp.array([1.0, 0.0]) + 0.5 * 2 * mean)
+                               / smoothed[1], rtol=1e-5)
+    # Unused entry 3 decays but, without restarts, stays where it was.
+    np.testing.assert_allclose(new["vq"]["cluster_size"][3], 0.5)
+
+
+def test_dead_codes_restart_from_encoder_outputs():
+    module, variables = _vq(restart_threshold=0.75)
+    z = jnp.array([[0.1, -0.1], [0.9, 0.2], [0.8, 0.0], [0.2, 1.1]])
+    _, new = module.apply(variables, z, train=True, mutable=["vq"],
+                          rngs={"vq": jax.random.key(3)})
+    restarted = new["vq"]["codebook"][3]
+    assert any(np.allclose(restarted, row) for row in np.asarray(z)), "taken from the batch"
+    assert float(new["vq"]["cluster_size"][3]) == 0.75
+    # Without train the codebook is read-only.
+    out = module.apply(variables, z, train=False)
+    assert out[1].tolist() == [0, 1, 1, 2]
+
+
+def _tiny_config(kind):
+    config = load_config_file(f"configs/tokenizer_shapes.py:kind={kind},runlocal")
+    config.model.update(n_hid=8, n_init=8, vocab_size=32, code_dim=8, group_count=3)
+    config.data.image_size = 16
+    config.batch_size = 8
+    return config
+
+
+@pytest.mark.parametrize("kind", ["dvae", "vqvae"])
+def test_task_trains_on_a_mesh_and_reports_its_metrics(kind):
+    config = _tiny_config(kind)
+    config.mesh.update(data=4, fsdp=2, tensor=1)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    task = stage1.ImageTokenizerTask(config, None, mesh)
+    assert task.flops_per_example > 0
+    training = trainer.build(config, task, mesh, sharding_lib.logical_rules(config.sharding))
+    state = training.init(jax.random.key(0))
+    assert set(state.model_state) == ({"vq"} if kind == "vqvae" else set())
+    rng = jax.random.key_data(jax.random.key(1))
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    images[:, 4:12, 4:12] = (220, 40, 40)  # structure worth reconstructing
+    batch = {"image": images, "mask": np.ones((8,), bool)}
+    losses = []
+    for _ in range(8):
+        state, metrics = training.train_step(state, batch, rng)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    expected = {"recon_mse", "psnr", "perplexity", "codes_used", "recon_loss",
+                "temperature"} | ({"kl", "beta"} if kind == "dvae" else {"commitment"})
+    assert expected <= set(metrics)
+    assert 0 < float(metrics["codes_used"]) <= 1
+    loss, eval_metrics = training.eval_step(state.params, state.model_state, batch, state.step)
+    assert np.isfinite(float(loss)) and float(eval_metrics["psnr"]) > 0
+    summary = task.summaries(state.params, state.model_state, batch)["reconstructions"]
+    assert summary.shape == (16, 16, 16, 3) and summary.dtype == np.uint8
+
+
+def test_kl_to_the_uniform_prior_vanishes_for_uniform_logits():
+    config = _tiny_config("dvae")
+    task = stage1.ImageTokenizerTask(config, None, None)
+    variables = task.init(jax.random.key(0))
+    params = jax.tree.map(jnp.zeros_like, variables["params"])  # constant logits
+    batch = {"image": np.zeros((2, 16, 16, 3), np.uint8), "mask": np.ones((2,), bool)}
+    _, metrics, _ = jax.jit(lambda p: task.loss(p, {}, batch, jax.random.key(0), train=True,
+                                                step=0))(params)
+    assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_image_size_must_fit_the_downsampling():
+    config = _tiny_config("dvae")
+    config.data.image_size = 18
+    with pytest.raises(ValueError, match="not divisible by the downsample factor 4"):
+        stage1.ImageTokenizerTask(config, None, None)
