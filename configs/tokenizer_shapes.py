@@ -4,10 +4,12 @@ r"""Stage 1 on captioned shapes: a dVAE (default) or VQ-VAE turning 64 px into 8
   python -m dalle_jax.tools.train --config=configs/tokenizer_shapes.py:kind=vqvae \
       --workdir=runs/vqvae_shapes
 
-Then measure it on the validation split:
+Then measure it on the validation split, and encode the dataset for stage 2:
 
   python -m dalle_jax.tools.eval_tokenizer --config=configs/tokenizer_shapes.py \
       --workdir=runs/dvae_shapes
+  python -m dalle_jax.tools.encode_dataset --config=configs/tokenizer_shapes.py \
+      --workdir=runs/dvae_shapes --config.encode.output_dir=runs/dvae_shapes/codes
 
 Arguments after ':' : kind=dvae|vqvae, runlocal (a few steps on a small dataset).
 """
@@ -15,6 +17,7 @@ from dalle_jax.config import parse_arg
 from dalle_jax.data import presets
 from dalle_jax.train.defaults import core_config
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg=None):
@@ -48,6 +51,12 @@ def get_config(arg=None):
         commitment_weight=0.25,
         eval_split="validation",
     ))
+    # Encoding a dataset into code shards (dalle_jax.tools.encode_dataset).
+    config.encode = ml_collections.ConfigDict(dict(
+        output_dir=config_dict.placeholder(str),
+        splits=("train", "validation", "test", "holdout"),
+        batch_size=256,
+    ))
     config.optimizer.update(learning_rate=2e-3, warmup_steps=100, end_learning_rate=2e-5,
                             b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
     config.train.update(ema_decay=0.99, log_every=100, eval_every=1_000, summary_every=500)
@@ -60,4 +69,5 @@ def get_config(arg=None):
         config.optimizer.warmup_steps = 5
         config.train.update(log_every=5, eval_every=0, summary_every=10)
         config.checkpoint.save_every = 10
+        config.encode.batch_size = 64
     return config

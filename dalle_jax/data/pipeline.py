@@ -44,13 +44,18 @@ class Source(Protocol):
         """The split's record files with their example counts, in a fixed order."""
 
     def parse(self, record: tf.Tensor) -> dict[str, tf.Tensor]:
-        """One serialized record → ``{"image": uint8[H, W, C], "caption": string[] or [N]}``."""
+        """One serialized record → ``{"image": uint8[H, W, C], "caption": string[] or
+        [N], "id": string[]}`` (the id empty when the dataset has none)."""
 
 
 def _nested(example: Mapping[str, Any], key: str):
     for part in key.split("/"):
         example = example[part]
     return example
+
+
+def _as_text(value: tf.Tensor) -> tf.Tensor:
+    return value if value.dtype == tf.string else tf.strings.as_string(value)
 
 
 @dataclasses.dataclass
@@ -87,6 +92,9 @@ class TfdsSource:
                 f"{info.full_name} is stored as {file_format}; this pipeline reads TFRecord "
                 "(prepare it with file_format='tfrecord')")
         roots = {k.split("/")[0] for k in (self.image_key, self.caption_key)}
+        self._has_id = "id" in info.features  # kept by jobs that write derived records
+        if self._has_id:
+            roots.add("id")
         # Parse and decode only the features used here (not, e.g., box annotations).
         self._features = tfds.features.FeaturesDict({r: info.features[r] for r in roots})
 
@@ -97,7 +105,8 @@ class TfdsSource:
     def parse(self, record):
         example = self._features.deserialize_example(record)
         return {"image": _nested(example, self.image_key),
-                "caption": _nested(example, self.caption_key)}
+                "caption": _nested(example, self.caption_key),
+                "id": _as_text(example["id"]) if self._has_id else tf.constant("")}
 
 
 @dataclasses.dataclass
@@ -122,7 +131,7 @@ class RecordSource:
     def parse(self, record):
         example = self._records.parse_record(record)
         return {"image": preprocess_lib.decode_image(example["image"]),
-                "caption": example["caption"]}
+                "caption": example["caption"], "id": example["id"]}
 
 
 def _seed(*parts) -> tf.Tensor:

@@ -1,0 +1,108 @@
+"""A trained image tokenizer as a library: load a stage-1 run, encode images, decode codes.
+
+    tokenizer = ImageTokenizerRun.load("runs/dvae_shapes")
+    codes = tokenizer.encode(images_uint8)      # int32 [B, h, w]
+    images = tokenizer.decode(codes)            # uint8 [B, H, W, 3]
+
+Uses the EMA parameters when the run kept them. Encoding and decoding are jitted and
+run on this process's local devices, the batch split over them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any
+
+from etils import epath
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dalle_jax import config as config_lib
+from dalle_jax.models import dvae as dvae_lib
+from dalle_jax.stages import image_tokenizer as stage1
+from dalle_jax.train import checkpoint as checkpoint_lib
+from dalle_jax.train import sharding as sharding_lib
+from dalle_jax.train import trainer
+
+
+@dataclasses.dataclass
+class ImageTokenizerRun:
+    config: ml_collections.ConfigDict
+    model: stage1.ImageTokenizer
+    variables: Any
+    step: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.model.vocab_size
+
+    @property
+    def image_size(self) -> int:
+        return self.config.data.image_size
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // dvae_lib.downsample_factor(self.config.model.group_count)
+
+    @classmethod
+    def load(cls, workdir: str, config: ml_collections.ConfigDict | None = None,
+             step: int | None = None) -> "ImageTokenizerRun":
+        """The run's checkpoint at ``step`` (the latest by default), with ``config`` or
+        else the config the run wrote."""
+        if config is None:
+            path = epath.Path(workdir) / config_lib.CONFIG_FILE_NAME
+            if not path.exists():
+                raise FileNotFoundError(f"{path} not found: is {workdir} a stage-1 run?")
+            config = ml_collections.ConfigDict(json.loads(path.read_text()))
+            config.data.holdout_pairs = tuple(tuple(p) for p in config.data.holdout_pairs)
+        mesh = sharding_lib.make_mesh(
+            ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), jax.local_devices())
+        task = stage1.ImageTokenizerTask(config, workdir, mesh)
+        training = trainer.build(config, task, mesh, sharding_lib.logical_rules(config.sharding))
+        checkpoints = checkpoint_lib.Checkpointer(epath.Path(workdir) / "checkpoints",
+                                                  save_interval_steps=1)
+        try:
+            state, _, step = checkpoints.restore(training.abstract_state, step)
+        finally:
+            checkpoints.close()
+        params = state.ema_params if state.ema_params is not None else state.params
+        return cls(config, task.model, {"params": params, **state.model_state}, step)
+
+    @functools.cached_property
+    def _encode(self):
+        def encode(variables, images):
+            x = dvae_lib.map_pixels(images.astype(jnp.float32) / 255.0)
+            return self.model.apply(variables, x, method=stage1.ImageTokenizer.encode)
+        return jax.jit(encode)
+
+    @functools.cached_property
+    def _decode(self):
+        def decode(variables, codes):
+            stats = self.model.apply(variables, codes, method=stage1.ImageTokenizer.decode)
+            return jnp.round(stage1.reconstruction(stats) * 255.0).astype(jnp.uint8)
+        return jax.jit(decode)
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, 3] at the run's image size → int32 codes [B, h, w]."""
+        images = np.asarray(images)
+        expected = (self.image_size, self.image_size, 3)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"images must be [B, {self.image_size}, {self.image_size}, 3], "
+                             f"got {images.shape}")
+        if images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8, got {images.dtype}")
+        return np.asarray(self._encode(self.variables, images))
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """int codes [B, h, w] → uint8 images [B, H, W, 3]."""
+        codes = np.asarray(codes)
+        if codes.ndim != 3 or codes.shape[1:] != (self.grid_size, self.grid_size):
+            raise ValueError(f"codes must be [B, {self.grid_size}, {self.grid_size}], "
+                             f"got {codes.shape}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.vocab_size):
+            raise ValueError(f"codes must be in [0, {self.vocab_size}), got values in "
+                             f"[{codes.min()}, {codes.max()}]")
+        return np.asarray(self._decode(self.variables, codes.astype(np.int32)))

@@ -1,0 +1,121 @@
+r"""Encodes a dataset into code shards with a trained stage-1 tokenizer.
+
+  python -m dalle_jax.tools.encode_dataset --config=configs/tokenizer_shapes.py \
+      --workdir=runs/dvae_shapes --config.encode.output_dir=runs/dvae_shapes/codes
+
+Every input shard of each split becomes one code shard (see
+``dalle_jax.data.code_records``). Processes share the shards (shard i goes to process
+i mod count); within a process the batch is split over the local devices. Finished
+output shards are skipped on a rerun; a shard is written under a temporary name and
+renamed when complete, so an interrupted job leaves no partial shard.
+"""
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from dalle_jax import config as config_lib
+from dalle_jax import files
+from dalle_jax.data import code_records
+from dalle_jax.data import pipeline as pipeline_lib
+from dalle_jax.data import preprocess as preprocess_lib
+from dalle_jax.train import distributed
+
+config_lib.define_flags()
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def _examples(source, path: str, image_size: int, preprocess: str, batch_size: int):
+    """Batches of (image, caption, id) of one record file, in file order."""
+    def prepare(record):
+        example = source.parse(record)
+        image, caption = example["image"], example["caption"]
+        if image.shape.rank == 3 and image.shape[-1] == 1:
+            image = tf.image.grayscale_to_rgb(image)
+        if preprocess == "photo":
+            image = preprocess_lib.center_crop_resize(image, image_size)
+        else:
+            image = preprocess_lib.plain_resize(image, image_size)
+        if caption.shape.rank == 1:  # several captions: keep the first
+            caption = caption[0]
+        return {"image": image, "caption": caption, "id": example["id"]}
+
+    dataset = tf.data.TFRecordDataset(path).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.batch(batch_size).prefetch(2).as_numpy_iterator()
+
+
+def encode_split(tokenizer, config, split: str, output_dir: str, *, batch_size: int,
+                 process_index: int = 0, process_count: int = 1,
+                 progress: bool = True) -> list[dict]:
+    """Encodes this process's shards of ``split``; returns every shard's entry."""
+    source = pipeline_lib.make_source(config.data, split)
+    inputs = sorted(source.files())
+    output = epath.Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    name = config.data.name
+    entries = [{"file": code_records.shard_name(name, split, i, len(inputs)),
+                "num_examples": count} for i, (_, count) in enumerate(inputs)]
+    mine = [i for i in range(len(inputs)) if i % process_count == process_index]
+    for i in tqdm.tqdm(mine, desc=f"{name}:{split}", unit=" shards", disable=not progress):
+        final = output / entries[i]["file"]
+        if final.exists():
+            continue  # finished by an earlier run
+        tmp = output / f".{entries[i]['file']}.tmp-{process_index}"
+        with tf.io.TFRecordWriter(str(tmp)) as writer:
+            for batch in _examples(source, inputs[i][0], config.data.image_size,
+                                   config.data.preprocess, batch_size):
+                real = len(batch["image"])
+                images = batch["image"]
+                if real < batch_size:  # one compiled shape for every batch
+                    images = np.concatenate([images, np.zeros(
+                        (batch_size - real,) + images.shape[1:], images.dtype)])
+                codes = tokenizer.encode(images)[:real]
+                for grid, caption, ident in zip(codes, batch["caption"], batch["id"]):
+                    writer.write(code_records.encode_record(grid, caption, ident))
+        tmp.replace(final)
+    return entries
+
+
+def main(argv):
+    del argv
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if workdir is None:
+        raise app.UsageError("--workdir (the stage-1 run) is required")
+    if not config.encode.output_dir:
+        raise app.UsageError("set --config.encode.output_dir")
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from dalle_jax.stages.tokenizer_io import ImageTokenizerRun  # pylint: disable=g-import-not-at-top
+    tokenizer = ImageTokenizerRun.load(workdir, config)
+    if config.encode.batch_size % jax.local_device_count():
+        raise app.UsageError("config.encode.batch_size must split over the local devices")
+    for split in config.encode.splits:
+        entries = encode_split(tokenizer, config, split, config.encode.output_dir,
+                               batch_size=config.encode.batch_size,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"encoded {split}")
+        if jax.process_index() == 0:
+            metadata = {"name": config.data.name, "split": split, "shards": entries,
+                        "num_examples": sum(e["num_examples"] for e in entries),
+                        "code_shape": [tokenizer.grid_size, tokenizer.grid_size],
+                        "vocab_size": tokenizer.vocab_size,
+                        "tokenizer_run": str(workdir), "tokenizer_step": tokenizer.step}
+            files.atomic_write(
+                epath.Path(config.encode.output_dir)
+                / code_records.metadata_name(config.data.name, split),
+                json.dumps(metadata, indent=2))
+            print(f"{split}: {metadata['num_examples']} examples in {len(entries)} shards")
+
+
+if __name__ == "__main__":
+    config_lib.run(main)

@@ -1,0 +1,92 @@
+"""A trained stage-1 run as a library, its evaluation and the dataset-encoding job."""
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dalle_jax.config import load_config_file
+from dalle_jax.data import code_records
+from dalle_jax.data import pipeline as pipeline_lib
+from dalle_jax.stages.tokenizer_io import ImageTokenizerRun
+from dalle_jax.tools import encode_dataset, eval_tokenizer
+from dalle_jax.train import trainer
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    config = load_config_file("configs/tokenizer_shapes.py:runlocal")
+    config.model.update(n_hid=8, n_init=8, vocab_size=32, group_count=3)
+    config.data.update(image_size=16, data_dir=str(tmp_path_factory.mktemp("tfds")),
+                       num_train=64, num_validation=24, num_test=8, num_holdout=8)
+    config.update(total_steps=2, batch_size=8)
+    config.optimizer.warmup_steps = 1
+    config.mesh.update(data=-1)
+    config.encode.update(batch_size=16, splits=("validation", "holdout"))
+    workdir = str(tmp_path_factory.mktemp("run"))
+    trainer.train_and_evaluate(config, workdir, console=lambda s: None)
+    return config, workdir
+
+
+def test_load_encode_decode(run):
+    config, workdir = run
+    tokenizer = ImageTokenizerRun.load(workdir)  # from the run's own config.json
+    assert tokenizer.step == 2 and tokenizer.grid_size == 4
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    codes = tokenizer.encode(images)
+    assert codes.shape == (3, 4, 4) and codes.dtype == np.int32
+    assert 0 <= codes.min() and codes.max() < 32
+    decoded = tokenizer.decode(codes)
+    assert decoded.shape == (3, 16, 16, 3) and decoded.dtype == np.uint8
+    with pytest.raises(ValueError, match=r"images must be \[B, 16, 16, 3\]"):
+        tokenizer.encode(images[:, :8])
+    with pytest.raises(ValueError, match="uint8"):
+        tokenizer.encode(images.astype(np.float32))
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 32\)"):
+        tokenizer.decode(np.full((1, 4, 4), 32))
+    with pytest.raises(ValueError, match=r"codes must be \[B, 4, 4\]"):
+        tokenizer.decode(codes[:, :2])
+
+
+def test_evaluation_reports_psnr_and_code_usage(run):
+    config, workdir = run
+    results, (originals, recon) = eval_tokenizer.evaluate(
+        ImageTokenizerRun.load(workdir, config), config, "validation", batch_size=16)
+    assert results["examples"] == 24
+    assert 0 < results["codes_used"] <= 1 and results["perplexity"] >= 1
+    expected_mse = np.mean(((recon.astype(float) - originals) / 255.0) ** 2)
+    assert results["psnr"] > 0 and results["mse"] > 0
+    assert originals.shape == recon.shape == (8, 16, 16, 3)
+    assert abs(expected_mse - results["mse"]) < 0.05
+
+
+def test_encode_dataset_writes_resumable_code_shards(run, tmp_path):
+    config, workdir = run
+    tokenizer = ImageTokenizerRun.load(workdir, config)
+    entries = encode_dataset.encode_split(tokenizer, config, "validation", str(tmp_path),
+                                          batch_size=16, progress=False)
+    shard = tmp_path / entries[0]["file"]
+    records = [code_records.parse_record(r)
+               for r in tf.data.TFRecordDataset(str(shard)).as_numpy_iterator()]
+    assert sum(e["num_examples"] for e in entries) == len(records) == 24
+    assert {r["id"].numpy().decode().split("/")[0] for r in records} == {"validation"}
+    # The codes are the tokenizer's codes of the same images, in the same order.
+    eval_pipeline = pipeline_lib.make_pipeline(config, "validation", train=False,
+                                               batch_size=24, process_index=0,
+                                               process_count=1, with_captions=True)
+    batch = next(eval_pipeline)
+    np.testing.assert_array_equal(np.stack([r["codes"].numpy() for r in records]),
+                                  tokenizer.encode(batch["image"]))
+    assert [r["caption"].numpy().decode() for r in records] == list(batch["caption"])
+    # A rerun skips finished shards; leftovers of an interrupted run are not shards.
+    before = shard.stat().st_mtime_ns
+    (tmp_path / f".{entries[0]['file']}.tmp-0").write_bytes(b"partial")
+    encode_dataset.encode_split(tokenizer, config, "validation", str(tmp_path),
+                                batch_size=16, progress=False)
+    assert shard.stat().st_mtime_ns == before
+    # Process sharding: two processes split the shards between them.
+    two = [encode_dataset.encode_split(tokenizer, config, "holdout", str(tmp_path / "p"),
+                                       batch_size=16, process_index=i, process_count=2,
+                                       progress=False) for i in range(2)]
+    assert two[0] == two[1]
+    assert all((tmp_path / "p" / e["file"]).exists() for e in two[0])
