@@ -1,0 +1,266 @@
+"""DALL·E's discrete VAE (stage 1), exactly as OpenAI released it, in Flax Linen (NHWC).
+
+Architecture (Ramesh et al. 2021; the released ``dall_e`` package):
+
+* Pixels are mapped into (ε, 1−ε), ε = 0.1, before the encoder (:func:`map_pixels`).
+* Encoder: 7×7 conv (3 → n_hid), ``group_count`` groups of ``n_blk_per_group`` residual
+  blocks with widths 2^(g−1)·n_hid (1, 2, 4, 8 × n_hid for 4 groups), a 2×2 max-pool
+  after every group but the last, then ReLU and a 1×1 conv to ``vocab_size`` logits.
+  256 px → 32×32 codes at the defaults (downsample factor 2^(group_count−1) = 8).
+* Decoder: 1×1 conv (C → n_init), groups with widths 8, 4, 2, 1 × n_hid,
+  nearest-neighbour ×2 upsampling after every group but the last, then ReLU and a 1×1
+  conv to 2·output_channels: logit-Laplace means μ, then log-scales ln b.
+* Block: ``out = id_path(x) + post_gain · res_path(x)``; ``id_path`` is a 1×1 conv only
+  where the channel count changes; ``res_path`` is four ReLU→conv pairs, the first three
+  at n_out/4 channels, with kernel sizes 3,3,3,1 (encoder) or 1,3,3,3 (decoder);
+  ``post_gain = 1 / (group_count · n_blk_per_group)²``.
+* Convs pad by (k−1)/2 and start from w ~ N(0, 1/sqrt(n_in·k²)), b = 0.
+* Reconstruction = unmap(sigmoid(μ)).
+
+Module and parameter names mirror the release (``input``, ``group_1/block_1/id_path``,
+``.../res_path/conv_1``, ``output/conv``), so importing its weights is a rename plus an
+OIHW → HWIO transpose (see :mod:`dalle_jax.models.openai_dvae`). At the defaults the
+encoder has 53,786,240 parameters and the decoder 43,829,766.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOGIT_LAPLACE_EPS = 0.1
+KERNEL_AXES = (None, None, "conv_in", "conv_out")
+BIAS_AXES = ("conv_out",)
+
+Dtype = Any
+
+
+def map_pixels(x: jax.Array, eps: float = LOGIT_LAPLACE_EPS) -> jax.Array:
+    """Maps pixels in [0, 1] into (eps, 1 − eps), the support of the logit-Laplace."""
+    return (1 - 2 * eps) * x + eps
+
+
+def unmap_pixels(x: jax.Array, eps: float = LOGIT_LAPLACE_EPS) -> jax.Array:
+    """Inverse of :func:`map_pixels`, clipped to [0, 1]."""
+    return jnp.clip((x - eps) / (1 - 2 * eps), 0, 1)
+
+
+def downsample_factor(group_count: int) -> int:
+    """Pixels per code along each side: one halving after every group but the last."""
+    return 2 ** (group_count - 1)
+
+
+def post_gain(group_count: int, n_blk_per_group: int) -> float:
+    """The residual branch's scale: 1 / (number of blocks)²."""
+    return 1.0 / (group_count * n_blk_per_group) ** 2
+
+
+def _conv(features: int, kernel_size: int, dtype: Dtype, param_dtype: Dtype,
+          name: str) -> nn.Conv:
+    # std 1/sqrt(fan_in) with fan_in = k·k·n_in is variance scaling 1.0 over fan_in with
+    # a plain (not truncated) normal: the release's init.
+    kernel_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+    pad = (kernel_size - 1) // 2
+    return nn.Conv(
+        features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)),
+        dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, BIAS_AXES),
+        name=name)
+
+
+class _ResPath(nn.Module):
+    """Four ReLU→conv pairs; the bottleneck is n_out/4 wide."""
+
+    n_out: int
+    kernel_sizes: tuple[int, int, int, int]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_hid = self.n_out // 4
+        widths = (n_hid, n_hid, n_hid, self.n_out)
+        for i, (width, k) in enumerate(zip(widths, self.kernel_sizes), start=1):
+            x = _conv(width, k, self.dtype, self.param_dtype, f"conv_{i}")(nn.relu(x))
+        return x
+
+
+class _Block(nn.Module):
+    """Residual block: id_path (1×1 conv only where widths change) + post_gain · res."""
+
+    n_out: int
+    kernel_sizes: tuple[int, int, int, int]
+    post_gain: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        identity = x
+        if x.shape[-1] != self.n_out:
+            identity = _conv(self.n_out, 1, self.dtype, self.param_dtype, "id_path")(x)
+        res = _ResPath(self.n_out, self.kernel_sizes, self.dtype, self.param_dtype,
+                       name="res_path")(x)
+        return identity + self.post_gain * res
+
+
+class _Group(nn.Module):
+    """n_blocks blocks of one width, then an optional 2× down- or upsampling."""
+
+    n_out: int
+    n_blocks: int
+    kernel_sizes: tuple[int, int, int, int]
+    post_gain: float
+    resample: str | None  # "pool", "upsample" or None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(1, self.n_blocks + 1):
+            x = _Block(self.n_out, self.kernel_sizes, self.post_gain, self.dtype,
+                       self.param_dtype, name=f"block_{i}")(x)
+        if self.resample == "pool":
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        elif self.resample == "upsample":
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return x
+
+
+class _Output(nn.Module):
+    """ReLU then a 1×1 conv (the release's ``output`` Sequential)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _conv(self.features, 1, self.dtype, self.param_dtype, "conv")(nn.relu(x))
+
+
+class Encoder(nn.Module):
+    """Mapped pixels [B, H, W, 3] → fp32 logits [B, H/f, W/f, vocab_size], f = 2^(G−1)."""
+
+    n_hid: int = 256
+    n_blk_per_group: int = 2
+    group_count: int = 4
+    vocab_size: int = 8192
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gain = post_gain(self.group_count, self.n_blk_per_group)
+        x = _conv(self.n_hid, 7, self.dtype, self.param_dtype, "input")(
+            x.astype(self.dtype))
+        for g in range(1, self.group_count + 1):
+            last = g == self.group_count
+            x = _Group(2 ** (g - 1) * self.n_hid, self.n_blk_per_group, (3, 3, 3, 1), gain,
+                       None if last else "pool", self.dtype, self.param_dtype,
+                       name=f"group_{g}")(x)
+        x = _Output(self.vocab_size, self.dtype, self.param_dtype, name="output")(x)
+        return x.astype(jnp.float32)
+
+
+class Decoder(nn.Module):
+    """Codes [B, h, w, C] (one-hot or relaxed) → fp32 [B, h·f, w·f, 2·output_channels].
+
+    The first ``output_channels`` channels are the logit-Laplace means μ, the rest the
+    log-scales ln b.
+    """
+
+    n_init: int = 128
+    n_hid: int = 256
+    n_blk_per_group: int = 2
+    group_count: int = 4
+    output_channels: int = 3
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        gain = post_gain(self.group_count, self.n_blk_per_group)
+        x = _conv(self.n_init, 1, self.dtype, self.param_dtype, "input")(z.astype(self.dtype))
+        for g in range(1, self.group_count + 1):
+            last = g == self.group_count
+            width = 2 ** (self.group_count - g) * self.n_hid
+            x = _Group(width, self.n_blk_per_group, (1, 3, 3, 3), gain,
+                       None if last else "upsample", self.dtype, self.param_dtype,
+                       name=f"group_{g}")(x)
+        x = _Output(2 * self.output_channels, self.dtype, self.param_dtype, name="output")(x)
+        return x.astype(jnp.float32)
+
+
+def _check_images(images: Any, factor: int) -> np.ndarray:
+    """Host-side checks of an image batch; returns it as a numpy array."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must have shape [B, H, W, 3]; got {images.shape}")
+    height, width = images.shape[1:3]
+    if height % factor or width % factor:
+        raise ValueError(
+            f"image size {height}x{width} is not divisible by the encoder's downsample "
+            f"factor {factor}")
+    if images.dtype == np.uint8:
+        return images
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images must be uint8 or float in [0, 1]; got dtype {images.dtype}")
+    if np.isnan(images).any():
+        raise ValueError("images contain NaN")
+    if images.size and (images.min() < 0 or images.max() > 1):
+        raise ValueError(
+            f"float images must lie in [0, 1]; got [{images.min()}, {images.max()}]")
+    return images
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(module: Encoder, params: Any, images: jax.Array) -> jax.Array:
+    if images.dtype == jnp.uint8:
+        x = images.astype(jnp.float32) / 255.0
+    else:
+        x = images.astype(jnp.float32)
+    logits = module.apply({"params": params}, map_pixels(x))
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def encode_codes(encoder_params: Any, images_uint8: Any, encoder_module: Encoder) -> jax.Array:
+    """Images (uint8, or float in [0, 1]) [B, H, W, 3] → int32 codes [B, H/f, W/f].
+
+    Deterministic: the argmax of the logits, no Gumbel noise. Inputs are checked on the
+    host first (shape, divisibility, dtype, NaN, range) and refused with ``ValueError``.
+    """
+    images = _check_images(images_uint8, downsample_factor(encoder_module.group_count))
+    return _encode(encoder_module, encoder_params, images)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _decode(module: Decoder, params: Any, codes: jax.Array, vocab_size: int) -> jax.Array:
+    z = jax.nn.one_hot(codes, vocab_size, dtype=module.dtype)
+    out = module.apply({"params": params}, z)
+    pixels = unmap_pixels(jax.nn.sigmoid(out[..., :module.output_channels]))
+    return jnp.round(pixels * 255).astype(jnp.uint8)
+
+
+def decode_codes(decoder_params: Any, codes: Any, decoder_module: Decoder,
+                 vocab_size: int) -> jax.Array:
+    """int codes [B, h, w] → uint8 images [B, h·f, w·f, output_channels].
+
+    The reconstruction is unmap(sigmoid(μ)) of the decoder's means. Codes must be
+    integers in [0, vocab_size); anything else is refused with ``ValueError`` (one-hot
+    would silently turn an out-of-range code into an all-zero input).
+    """
+    codes = np.asarray(codes)
+    if codes.ndim != 3:
+        raise ValueError(f"codes must have shape [B, h, w]; got {codes.shape}")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes must be integers; got dtype {codes.dtype}")
+    if codes.size and (codes.min() < 0 or codes.max() >= vocab_size):
+        raise ValueError(
+            f"codes must lie in [0, {vocab_size}); got [{codes.min()}, {codes.max()}]")
+    return _decode(decoder_module, decoder_params, codes.astype(np.int32), vocab_size)
