@@ -29,9 +29,7 @@ from dalle_jax.data import preprocess as preprocess_lib
 from dalle_jax.train import distributed
 
 config_lib.define_flags()
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+distributed.define_flags()
 
 
 def _examples(source, path: str, image_size: int, preprocess: str, batch_size: int):
@@ -92,7 +90,7 @@ def main(argv):
         raise app.UsageError("--workdir (the stage-1 run) is required")
     if not config.encode.output_dir:
         raise app.UsageError("set --config.encode.output_dir")
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize_from_flags()
     from dalle_jax.stages.tokenizer_io import ImageTokenizerRun  # pylint: disable=g-import-not-at-top
     tokenizer = ImageTokenizerRun.load(workdir, config)
     if config.encode.batch_size % jax.local_device_count():

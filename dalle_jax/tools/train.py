@@ -17,11 +17,7 @@ from dalle_jax import config as config_lib
 from dalle_jax.train import distributed
 
 config_lib.define_flags()
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for multi-process runs "
-    "that jax cannot detect (auto-detected on Cloud TPU pods and SLURM).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+distributed.define_flags()
 
 
 def main(argv):
@@ -29,7 +25,7 @@ def main(argv):
     if flags.FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     # Before anything touches a jax backend.
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize_from_flags()
     from dalle_jax.train import trainer  # pylint: disable=g-import-not-at-top
     try:
         trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)

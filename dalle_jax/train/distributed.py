@@ -10,8 +10,25 @@ import os
 import signal
 import threading
 
-from absl import logging
+from absl import flags, logging
 import jax
+
+
+def define_flags() -> None:
+    """Flags for runs whose processes jax cannot find by itself (once per program)."""
+    if "coordinator_address" in flags.FLAGS:
+        return
+    flags.DEFINE_string("coordinator_address", None,
+                        "host:port of process 0, for multi-process runs that jax cannot "
+                        "detect (auto-detected on Cloud TPU pods and SLURM).")
+    flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+    flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def initialize_from_flags() -> None:
+    """:func:`initialize` with the values of :func:`define_flags`'s flags."""
+    initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+               flags.FLAGS.process_id)
 
 
 def _cluster_detected() -> bool:
