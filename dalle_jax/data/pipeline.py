@@ -148,6 +148,35 @@ def _seed(*parts) -> tf.Tensor:
 _FILE_ORDER, _SHUFFLE, _AUGMENT, _CAPTION_CHOICE, _BPE_DROPOUT = range(5)
 
 
+def prepare_example(example: Mapping[str, tf.Tensor], *, image_size: int, preprocess: str,
+                    augment_seeds: tuple[tf.Tensor, tf.Tensor] | None = None
+                    ) -> dict[str, tf.Tensor]:
+    """A parsed example as the models see it: RGB ``image`` at ``image_size`` and one
+    ``caption``.
+
+    With ``augment_seeds`` (crop seed, caption-choice seed) photos get the paper's random
+    crop and one of several captions is drawn; without, the central crop and the first
+    caption (evaluation, dataset encoding).
+    """
+    image, caption = example["image"], example["caption"]
+    if image.shape.rank == 3 and image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    if preprocess == "photo":
+        image = (preprocess_lib.photo_train_crop(image, image_size, augment_seeds[0])
+                 if augment_seeds is not None
+                 else preprocess_lib.center_crop_resize(image, image_size))
+    else:
+        image = preprocess_lib.plain_resize(image, image_size)
+    if caption.shape.rank == 1:  # several captions per image
+        pick = 0
+        if augment_seeds is not None:
+            pick = tf.random.stateless_uniform(
+                [], augment_seeds[1], maxval=tf.shape(caption, out_type=tf.int64)[0],
+                dtype=tf.int64)
+        caption = caption[pick]
+    return {**example, "image": image, "caption": caption}
+
+
 class InputPipeline:
     """Per-process batches of ``image``, ``text_tokens`` and friends as numpy arrays.
 
@@ -265,13 +294,8 @@ class InputPipeline:
 
     # --- the tf.data graph -------------------------------------------------------------
 
-    def _epoch_records(self, epoch: tf.Tensor, skip: tf.Tensor) -> tf.data.Dataset:
-        """Raw records of one epoch of this process, in order, with their positions."""
-        files = tf.constant(self.files)
-        if self.train:
-            # The same order on every process, so that sharding by example stays disjoint.
-            files = tf.random.experimental.stateless_shuffle(
-                files, seed=_seed(self.seed, _FILE_ORDER, epoch))
+    def _records(self, files: tf.Tensor) -> tf.data.Dataset:
+        """This process's raw records of ``files``, interleaved in a fixed order."""
         records = tf.data.Dataset.from_tensor_slices(files).interleave(
             lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20),
             cycle_length=min(len(self.files), _MAX_INTERLEAVE),
@@ -280,6 +304,16 @@ class InputPipeline:
             deterministic=True)
         if not self.shard_by_file:
             records = records.shard(self.process_count, self.process_index)
+        return records
+
+    def _epoch_records(self, epoch: tf.Tensor, skip: tf.Tensor) -> tf.data.Dataset:
+        """Raw records of one epoch of this process, in order, with their positions."""
+        files = tf.constant(self.files)
+        if self.train:
+            # The same order on every process, so that sharding by example stays disjoint.
+            files = tf.random.experimental.stateless_shuffle(
+                files, seed=_seed(self.seed, _FILE_ORDER, epoch))
+        records = self._records(files)
         if self.train:
             records = records.shuffle(
                 self.shuffle_buffer,
@@ -289,25 +323,14 @@ class InputPipeline:
         return records.map(lambda index, record: (epoch, index, record))
 
     def _example(self, epoch, index, record):
-        example = self.source.parse(record)
-        image, caption = example["image"], example["caption"]
-        if image.shape.rank == 3 and image.shape[-1] == 1:
-            image = tf.image.grayscale_to_rgb(image)
-        seed = _seed(self.seed, _AUGMENT, self.process_index, epoch, index)
-        if self.preprocess == "photo":
-            image = (preprocess_lib.photo_train_crop(image, self.image_size, seed) if self.train
-                     else preprocess_lib.center_crop_resize(image, self.image_size))
-        else:
-            image = preprocess_lib.plain_resize(image, self.image_size)
-        if caption.shape.rank == 1:  # several captions per image: one at random
-            if self.train:
-                choice_seed = _seed(self.seed, _CAPTION_CHOICE, self.process_index, epoch, index)
-                pick = tf.random.stateless_uniform(
-                    [], choice_seed, maxval=tf.shape(caption, out_type=tf.int64)[0], dtype=tf.int64)
-            else:
-                pick = 0
-            caption = caption[pick]
-        return {"image": image, "caption": caption, "_epoch": epoch, "_index": index}
+        augment = None
+        if self.train:
+            augment = (_seed(self.seed, _AUGMENT, self.process_index, epoch, index),
+                       _seed(self.seed, _CAPTION_CHOICE, self.process_index, epoch, index))
+        example = prepare_example(self.source.parse(record), image_size=self.image_size,
+                                  preprocess=self.preprocess, augment_seeds=augment)
+        return {"image": example["image"], "caption": example["caption"],
+                "_epoch": epoch, "_index": index}
 
     def _tokenize(self, batch):
         seed = _seed(self.seed, _BPE_DROPOUT, self.process_index,
@@ -365,12 +388,7 @@ class InputPipeline:
 
     def iter_captions(self) -> Iterator[str]:
         """The split's captions once, without decoding images (for tokenizer training)."""
-        records = tf.data.Dataset.from_tensor_slices(tf.constant(self.files)).interleave(
-            tf.data.TFRecordDataset, cycle_length=min(len(self.files), _MAX_INTERLEAVE),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        if not self.shard_by_file:
-            records = records.shard(self.process_count, self.process_index)
-        captions = records.map(lambda r: self.source.parse(r)["caption"],
+        captions = self._records(tf.constant(self.files)).map(lambda r: self.source.parse(r)["caption"],
                                num_parallel_calls=tf.data.AUTOTUNE).prefetch(64)
         for caption in captions.as_numpy_iterator():
             for c in np.atleast_1d(caption):

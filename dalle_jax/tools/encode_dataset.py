@@ -25,7 +25,6 @@ from dalle_jax import config as config_lib
 from dalle_jax import files
 from dalle_jax.data import code_records
 from dalle_jax.data import pipeline as pipeline_lib
-from dalle_jax.data import preprocess as preprocess_lib
 from dalle_jax.train import distributed
 
 config_lib.define_flags()
@@ -35,17 +34,9 @@ distributed.define_flags()
 def _examples(source, path: str, image_size: int, preprocess: str, batch_size: int):
     """Batches of (image, caption, id) of one record file, in file order."""
     def prepare(record):
-        example = source.parse(record)
-        image, caption = example["image"], example["caption"]
-        if image.shape.rank == 3 and image.shape[-1] == 1:
-            image = tf.image.grayscale_to_rgb(image)
-        if preprocess == "photo":
-            image = preprocess_lib.center_crop_resize(image, image_size)
-        else:
-            image = preprocess_lib.plain_resize(image, image_size)
-        if caption.shape.rank == 1:  # several captions: keep the first
-            caption = caption[0]
-        return {"image": image, "caption": caption, "id": example["id"]}
+        example = pipeline_lib.prepare_example(
+            source.parse(record), image_size=image_size, preprocess=preprocess)
+        return {key: example[key] for key in ("image", "caption", "id")}
 
     dataset = tf.data.TFRecordDataset(path).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.batch(batch_size).prefetch(2).as_numpy_iterator()

@@ -147,10 +147,11 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
     preemption = distributed.PreemptionWatcher(checkpointer)
     log_every = max(1, config.train.log_every)
     train_metrics: list[dict[str, float]] = []
-    timing_started: list[int] = []
+    timing_started = False
 
     def handle(fetched):
         """Logs a step's fetched metrics; stops the run after too many bad updates."""
+        nonlocal timing_started
         if fetched is None:
             return
         done_step, values = fetched
@@ -163,7 +164,7 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
         if not timing_started:
             # Throughput is measured from the end of the first step: no compile time.
             throughput.update(done_step)
-            timing_started.append(done_step)
+            timing_started = True
         if done_step % log_every == 0 or done_step == config.total_steps:
             summary = {k: float(np.mean([m[k] for m in train_metrics]))
                        for k in train_metrics[-1]}
