@@ -38,6 +38,7 @@ def get_config(arg=None):
         code_dim=32,  # vqvae
         vq_decay=0.99,
         vq_restart_threshold=1.0,
+        vq_normalize=False,
         recon_loss="logit_laplace" if arg.kind == "dvae" else "mse",
     ))
     # The paper's schedules, scaled to the run: temperature 1 -> 1/16 (cosine) and
@@ -49,6 +50,7 @@ def get_config(arg=None):
         kl_weight=6.6,
         kl_warmup_steps=config.total_steps // 10,
         commitment_weight=0.25,
+        straight_through=False,
         eval_split="validation",
     ))
     # Encoding a dataset into code shards (dalle_jax.tools.encode_dataset).

@@ -11,6 +11,9 @@ is written last.
 """
 from __future__ import annotations
 
+import json
+import posixpath
+
 import numpy as np
 import tensorflow as tf
 
@@ -28,6 +31,18 @@ def shard_name(name: str, split: str, index: int, count: int) -> str:
 
 def metadata_name(name: str, split: str) -> str:
     return f"{name}-{split}.codes.json"
+
+
+def read_metadata(directory: str, name: str, split: str) -> dict:
+    """The metadata of an encoded split; ``FileNotFoundError`` if it is absent (the job
+    writes it last, so an interrupted encoding has none)."""
+    path = posixpath.join(str(directory), metadata_name(name, split))
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(
+            f"no code shards metadata at {path}: encode the dataset first "
+            "(python -m dalle_jax.tools.encode_dataset) or check data_dir, name and split")
+    with tf.io.gfile.GFile(path, "r") as f:
+        return json.load(f)
 
 
 def encode_record(codes: np.ndarray, caption: bytes | str, id: bytes | str) -> bytes:  # pylint: disable=redefined-builtin

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import posixpath
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -134,6 +135,32 @@ class RecordSource:
                 "caption": example["caption"], "id": example["id"]}
 
 
+@dataclasses.dataclass
+class CodeSource:
+    """A split of code shards written by the dataset-encoding job
+    (:mod:`dalle_jax.tools.encode_dataset`): examples carry ``codes`` instead of an
+    image."""
+
+    data_dir: str
+    dataset_name: str
+    split: str
+
+    def __post_init__(self):
+        from dalle_jax.data import code_records  # pylint: disable=g-import-not-at-top
+        self._code_records = code_records
+        self.name = f"{self.dataset_name}:{self.split} codes"
+        self.metadata = code_records.read_metadata(self.data_dir, self.dataset_name,
+                                                   self.split)
+        self._files = [(posixpath.join(str(self.data_dir), shard["file"]),
+                        shard["num_examples"]) for shard in self.metadata["shards"]]
+
+    def files(self) -> list[tuple[str, int]]:
+        return list(self._files)
+
+    def parse(self, record):
+        return self._code_records.parse_record(record)
+
+
 def _seed(*parts) -> tf.Tensor:
     """A stateless-RNG seed (int64[2]) that is a hash of integer ``parts``."""
     key = tf.constant([0x5EED, 0], tf.int64)
@@ -145,7 +172,7 @@ def _seed(*parts) -> tf.Tensor:
 
 
 # Distinct purposes of randomness, so that no two uses share a stream.
-_FILE_ORDER, _SHUFFLE, _AUGMENT, _CAPTION_CHOICE, _BPE_DROPOUT = range(5)
+_FILE_ORDER, _SHUFFLE, _AUGMENT, _CAPTION_CHOICE, _BPE_DROPOUT, _CAPTION_DROPOUT = range(6)
 
 
 def prepare_example(example: Mapping[str, tf.Tensor], *, image_size: int, preprocess: str,
@@ -180,10 +207,14 @@ def prepare_example(example: Mapping[str, tf.Tensor], *, image_size: int, prepro
 class InputPipeline:
     """Per-process batches of ``image``, ``text_tokens`` and friends as numpy arrays.
 
-    Each batch is a dict with ``image`` uint8[B, H, W, 3], ``mask`` bool[B] (False only
+    Each batch is a dict with ``image`` uint8[B, H, W, 3] (or, from code shards,
+    ``codes`` int32[B, h, w]), ``mask`` bool[B] (False only
     on the padding that completes a final eval batch), and, with a tokenizer,
     ``text_tokens`` int32[B, text_len] and ``text_truncated`` bool[B]; with
     ``with_captions`` also ``caption`` (object array of str).
+
+    ``caption_dropout`` (training only) replaces a caption by the empty one with that
+    probability, so that a model also learns the unconditional distribution.
 
     ``batch_size`` is per process. ``num_epochs=None`` repeats forever (training); a
     finite stream ends with a padded partial batch unless ``drop_remainder``.
@@ -203,6 +234,7 @@ class InputPipeline:
         num_epochs: int | None = None,
         drop_remainder: bool = False,
         with_captions: bool = False,
+        caption_dropout: float = 0.0,
         process_index: int | None = None,
         process_count: int | None = None,
         prefetch: int = 2,
@@ -218,6 +250,8 @@ class InputPipeline:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if preprocess not in ("resize", "photo"):
             raise ValueError(f"preprocess must be 'resize' or 'photo', got {preprocess!r}")
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must lie in [0, 1), got {caption_dropout}")
         if num_epochs is not None and num_epochs <= 0:
             raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
         self.source = source
@@ -231,6 +265,7 @@ class InputPipeline:
         self.num_epochs = num_epochs
         self.drop_remainder = drop_remainder
         self.with_captions = with_captions
+        self.caption_dropout = float(caption_dropout)
         self.process_index = process_index
         self.process_count = process_count
         self.prefetch = prefetch
@@ -323,14 +358,23 @@ class InputPipeline:
         return records.map(lambda index, record: (epoch, index, record))
 
     def _example(self, epoch, index, record):
-        augment = None
-        if self.train:
-            augment = (_seed(self.seed, _AUGMENT, self.process_index, epoch, index),
-                       _seed(self.seed, _CAPTION_CHOICE, self.process_index, epoch, index))
-        example = prepare_example(self.source.parse(record), image_size=self.image_size,
-                                  preprocess=self.preprocess, augment_seeds=augment)
-        return {"image": example["image"], "caption": example["caption"],
-                "_epoch": epoch, "_index": index}
+        parsed = self.source.parse(record)
+        if "codes" in parsed:  # code shards: the image is already tokens
+            example = {"codes": parsed["codes"], "caption": parsed["caption"]}
+        else:
+            augment = None
+            if self.train:
+                augment = (_seed(self.seed, _AUGMENT, self.process_index, epoch, index),
+                           _seed(self.seed, _CAPTION_CHOICE, self.process_index, epoch, index))
+            prepared = prepare_example(parsed, image_size=self.image_size,
+                                       preprocess=self.preprocess, augment_seeds=augment)
+            example = {"image": prepared["image"], "caption": prepared["caption"]}
+        if self.train and self.caption_dropout > 0:
+            draw = tf.random.stateless_uniform(
+                [], _seed(self.seed, _CAPTION_DROPOUT, self.process_index, epoch, index))
+            example["caption"] = tf.where(draw < self.caption_dropout, tf.constant(""),
+                                          example["caption"])
+        return {**example, "_epoch": epoch, "_index": index}
 
     def _tokenize(self, batch):
         seed = _seed(self.seed, _BPE_DROPOUT, self.process_index,
@@ -406,7 +450,8 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 def make_source(data_config, split: str) -> Source:
-    """The source named by ``config.data`` (``captioned_shapes``, ``tfds`` or ``records``)."""
+    """The source named by ``config.data`` (``captioned_shapes``, ``tfds``, ``records`` or
+    ``codes``)."""
     kind = data_config.source
     if kind == "captioned_shapes":
         from dalle_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top
@@ -432,8 +477,10 @@ def make_source(data_config, split: str) -> Source:
         return TfdsSource(builder, split, data_config.image_key, data_config.caption_key)
     if kind == "records":
         return RecordSource(data_config.data_dir, data_config.name, split)
+    if kind == "codes":
+        return CodeSource(data_config.data_dir, data_config.name, split)
     raise ValueError(
-        f"config.data.source must be captioned_shapes, tfds or records; got {kind!r}")
+        f"config.data.source must be captioned_shapes, tfds, records or codes; got {kind!r}")
 
 
 def make_pipeline(config, split: str, *, train: bool, tokenizer: Tokenizer | None = None,

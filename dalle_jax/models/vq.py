@@ -5,7 +5,13 @@ straight through to the encoder; a commitment loss keeps encoder outputs near th
 entries. The codebook is not learned by gradients: in training each entry moves to the
 exponential moving average of the vectors assigned to it (decay 0.99), with Laplace
 smoothing of the cluster counts, and entries that fall out of use are restarted from
-random encoder outputs of the current batch.
+random encoder outputs of the current batch. With restarts on, every entry starts
+"dead", so the first training step seeds the whole codebook from encoder outputs (a
+codebook far from the encoder's range otherwise pulls the encoder towards it through
+the commitment loss before the decoder has learned to read anything).
+
+``normalize=True`` compares and stores unit vectors (cosine distance, as in
+ViT-VQGAN), which keeps encoder outputs and entries on one scale.
 
 The codebook and its statistics live in the ``"vq"`` variable collection, which the
 training core carries as model state (mutable in training, read-only otherwise).
@@ -27,19 +33,27 @@ class VectorQuantizer(nn.Module):
     # An entry whose EMA count of assigned vectors per step drops below this is
     # restarted from a random encoder output of the batch; 0 disables restarts.
     restart_threshold: float = 1.0
+    normalize: bool = False
 
     def setup(self):
         init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
         self.codebook = self.variable(
-            "vq", "codebook", lambda: init(self.make_rng("params"),
-                                           (self.codebook_size, self.code_dim)))
+            "vq", "codebook", lambda: self._unit(init(self.make_rng("params"),
+                                                      (self.codebook_size, self.code_dim))))
+        start = 0.0 if self.restart_threshold > 0 else 1.0
         self.cluster_size = self.variable(
-            "vq", "cluster_size", lambda: jnp.ones((self.codebook_size,), jnp.float32))
-        self.embed_sum = self.variable("vq", "embed_sum", lambda: self.codebook.value)
+            "vq", "cluster_size", lambda: jnp.full((self.codebook_size,), start, jnp.float32))
+        self.embed_sum = self.variable("vq", "embed_sum",
+                                       lambda: self.codebook.value * start)
+
+    def _unit(self, x: jax.Array) -> jax.Array:
+        if not self.normalize:
+            return x
+        return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
 
     def codes(self, z: jax.Array) -> jax.Array:
         """Nearest codebook entry of each vector: int32 [...]."""
-        flat = z.reshape(-1, self.code_dim).astype(jnp.float32)
+        flat = self._unit(z.reshape(-1, self.code_dim).astype(jnp.float32))
         codebook = self.codebook.value
         distances = (jnp.sum(flat ** 2, -1, keepdims=True) - 2 * flat @ codebook.T
                      + jnp.sum(codebook ** 2, -1)[None])
@@ -56,7 +70,7 @@ class VectorQuantizer(nn.Module):
         In training (with the ``"vq"`` collection mutable) the codebook is updated
         from this batch after the codes are chosen.
         """
-        z = z.astype(jnp.float32)
+        z = self._unit(z.astype(jnp.float32))
         codes = self.codes(z)
         quantized = self.lookup(codes)
         commitment = jnp.mean((z - jax.lax.stop_gradient(quantized)) ** 2)
@@ -81,7 +95,7 @@ class VectorQuantizer(nn.Module):
         total = cluster_size.sum()
         smoothed = ((cluster_size + self.epsilon)
                     / (total + self.codebook_size * self.epsilon) * total)
-        codebook = embed_sum / smoothed[:, None]
+        codebook = self._unit(embed_sum / smoothed[:, None])
         if self.restart_threshold > 0:
             dead = cluster_size < self.restart_threshold
             picks = jax.random.randint(self.make_rng("vq"), (self.codebook_size,), 0,

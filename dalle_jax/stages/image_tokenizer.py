@@ -59,6 +59,8 @@ class ImageTokenizer(nn.Module):
     code_dim: int = 64  # vqvae
     vq_decay: float = 0.99
     vq_restart_threshold: float = 1.0
+    vq_normalize: bool = False
+    straight_through: bool = False  # dvae: hard one-hot forward, relaxed gradients
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -72,7 +74,7 @@ class ImageTokenizer(nn.Module):
         if self.kind == "vqvae":
             self.quantizer = vq_lib.VectorQuantizer(
                 self.vocab_size, self.code_dim, decay=self.vq_decay,
-                restart_threshold=self.vq_restart_threshold)
+                restart_threshold=self.vq_restart_threshold, normalize=self.vq_normalize)
 
     def encode(self, x_mapped: jax.Array) -> jax.Array:
         """Codes int32 [B, h, w] (argmax of logits / nearest codebook entry)."""
@@ -97,6 +99,10 @@ class ImageTokenizer(nn.Module):
             if train:
                 gumbel = jax.random.gumbel(self.make_rng("gumbel"), z.shape, jnp.float32)
                 relaxed = jax.nn.softmax((z + gumbel) / temperature, axis=-1)
+                if self.straight_through:
+                    hard = jax.nn.one_hot(jnp.argmax(z + gumbel, -1), self.vocab_size,
+                                          dtype=jnp.float32)
+                    relaxed = hard + relaxed - jax.lax.stop_gradient(relaxed)
             else:
                 relaxed = jax.nn.one_hot(codes, self.vocab_size, dtype=jnp.float32)
             return self.decoder(relaxed.astype(self.dtype)), codes, {"logits": z}
@@ -129,6 +135,8 @@ class ImageTokenizerTask:
             n_blk_per_group=m.n_blk_per_group, group_count=m.group_count, n_init=m.n_init,
             code_dim=m.code_dim, vq_decay=m.vq_decay,
             vq_restart_threshold=m.vq_restart_threshold,
+            vq_normalize=m.get("vq_normalize", False),
+            straight_through=config.stage1.get("straight_through", False),
             dtype=jnp.dtype(config.train.compute_dtype))
         size = config.data.image_size
         factor = dvae_lib.downsample_factor(m.group_count)

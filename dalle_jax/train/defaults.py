@@ -17,6 +17,7 @@ DEFAULT_RULES = (
     ("kv", None),
     ("vocab", "tensor"),
     ("length", None),
+    ("layers", None),  # the scanned layer axis of stacked parameters
     ("conv_in", None),
     ("conv_out", "tensor"),
 )

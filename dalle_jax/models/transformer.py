@@ -1,0 +1,366 @@
+"""DALL·E's decoder-only transformer over one stream of [caption tokens | image tokens].
+
+Layout of a sequence of length ``L = text_len + h·w``::
+
+    position   0 … text_len−1            text_len            text_len + a   (a = 1 … h·w−1)
+    input      text tokens (pad → a      start-of-image      image token a − 1
+               learned per-position pad)
+    predicts   the next text token       image token 0       image token a
+
+Embeddings: text token (or that position's pad vector) + text position; image token
+(or the start-of-image vector) + row embedding + column embedding of the image position
+``a`` (the grid cell whose token the position predicts).
+
+Each layer is pre-LayerNorm attention then a GELU MLP of ``mlp_ratio · d``. Attention
+is one softmax over text and image keys; the pattern of each layer is a boolean
+[L, L] mask (:func:`attention_mask`): text → text causal, image → text always visible,
+image → image dense-causal or one of the paper's sparse patterns (row, column,
+causal convolution). The masks are applied to dense scores, so a masked layer costs the
+same as a dense one. Layers are stacked with ``nn.scan`` (compile time does not grow with
+depth) and optionally rematerialised.
+
+Two output heads: text positions project onto the text vocabulary and image positions
+onto the image vocabulary, in fp32, so text positions can never emit image tokens (and
+vice versa) and no FLOPs go to logits the loss ignores.
+
+One module serves three modes: ``"full"`` (training, evaluation), ``"prefill"`` (a full
+pass that also returns every layer's keys and values) and ``"decode"`` (one image
+position against a key/value cache).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle_jax.train import step as step_lib
+
+ATTENTION_KINDS = ("dense", "row", "column", "conv")
+Cache = tuple[jax.Array, jax.Array]  # keys, values: [layers, B, L, heads, head_dim]
+
+
+def dalle_layer_schedule(num_layers: int) -> tuple[str, ...]:
+    """The paper's schedule: for layers i = 1 … n−1 column attention where
+    (i − 2) mod 4 == 0, else row attention; the last layer convolutional."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be positive, got {num_layers}")
+    kinds = ["column" if (i - 2) % 4 == 0 else "row" for i in range(1, num_layers)]
+    return tuple(kinds) + ("conv",)
+
+
+def layer_schedule(attention: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
+    """Per-layer attention kinds from config: a preset name (``"dense"``, ``"dalle"``,
+    or any single kind for every layer) or one kind per layer."""
+    if isinstance(attention, str):
+        if attention == "dalle":
+            return dalle_layer_schedule(num_layers)
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"model.attention must be 'dalle', one of {ATTENTION_KINDS} "
+                             f"or a list of those per layer; got {attention!r}")
+        return (attention,) * num_layers
+    kinds = tuple(attention)
+    if len(kinds) != num_layers:
+        raise ValueError(f"model.attention lists {len(kinds)} kinds for {num_layers} layers")
+    for kind in kinds:
+        if kind not in ATTENTION_KINDS:
+            raise ValueError(f"unknown attention kind {kind!r}; expected one of "
+                             f"{ATTENTION_KINDS}")
+    return kinds
+
+
+def image_mask(kind: str, height: int, width: int, conv_kernel: int = 11) -> np.ndarray:
+    """bool [N, N] over image positions (N = h·w, raster order): may position ``a``
+    attend to position ``b``? Always causal (b ≤ a).
+
+    * dense: every earlier position.
+    * row: the previous ``w + 1`` positions including itself (a − w ≤ b ≤ a), so the
+      farthest is the same column of the previous row; the window wraps around row ends.
+    * column: earlier positions of its own column (including itself).
+    * conv: the causal ``k × k`` neighbourhood: at most ``k // 2`` rows up, with a
+      column distance of at most ``k // 2`` measured around the grid (wrapping).
+    """
+    n = height * width
+    a = np.arange(n)[:, None]
+    b = np.arange(n)[None, :]
+    causal = b <= a
+    if kind == "dense":
+        return causal
+    if kind == "row":
+        return causal & (a - b <= width)
+    if kind == "column":
+        return causal & ((a - b) % width == 0)
+    if kind == "conv":
+        if conv_kernel < 1 or conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel must be a positive odd number, got {conv_kernel}")
+        half = conv_kernel // 2
+        row_gap = a // width - b // width
+        col_gap = np.abs(a % width - b % width)
+        col_gap = np.minimum(col_gap, width - col_gap)
+        return causal & (row_gap <= half) & (col_gap <= half)
+    raise ValueError(f"unknown attention kind {kind!r}; expected one of {ATTENTION_KINDS}")
+
+
+def attention_mask(kind: str, text_len: int, height: int, width: int,
+                   conv_kernel: int = 11) -> np.ndarray:
+    """bool [L, L] for the whole stream (query, key): text → text causal, text → image
+    never, image → text always, image → image by ``kind``."""
+    n = height * width
+    length = text_len + n
+    mask = np.zeros((length, length), bool)
+    mask[:text_len, :text_len] = np.tril(np.ones((text_len, text_len), bool))
+    mask[text_len:, :text_len] = True
+    mask[text_len:, text_len:] = image_mask(kind, height, width, conv_kernel)
+    return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    text_vocab_size: int = 16_384
+    text_len: int = 256
+    image_vocab_size: int = 8192
+    image_height: int = 32  # code grid
+    image_width: int = 32
+    num_layers: int = 64
+    num_heads: int = 62
+    head_dim: int = 64
+    mlp_ratio: int = 4
+    attention: str | tuple[str, ...] = "dalle"
+    conv_kernel: int = 11
+    pad_id: int = 0
+    dtype: Any = jnp.float32  # compute; parameters stay float32
+    remat_policy: str = "none"
+
+    @property
+    def d_model(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def image_len(self) -> int:
+        return self.image_height * self.image_width
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_len
+
+    @property
+    def schedule(self) -> tuple[str, ...]:
+        return layer_schedule(self.attention, self.num_layers)
+
+    def mask_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(masks bool [K, L, L] of the K distinct kinds used, kind index per layer)."""
+        schedule = self.schedule
+        kinds = sorted(set(schedule), key=ATTENTION_KINDS.index)
+        masks = np.stack([attention_mask(k, self.text_len, self.image_height,
+                                         self.image_width, self.conv_kernel) for k in kinds])
+        index = np.array([kinds.index(k) for k in schedule], np.int32)
+        return masks, index
+
+    def flops_per_example(self, *, train: bool = True) -> float:
+        """Model FLOPs of one sequence, counted analytically for the model as built:
+        2 per multiply-add of every matmul (projections, MLP, both heads) and the two
+        attention products over all L keys (masks do not skip work); ×3 for training
+        (forward + backward)."""
+        d, length = self.d_model, self.seq_len
+        per_layer = 2 * length * (4 * d * d + 2 * self.mlp_ratio * d * d)
+        per_layer += 2 * 2 * length * length * d  # q·k and p·v
+        heads = 2 * d * ((self.text_len - 1) * self.text_vocab_size
+                         + self.image_len * self.image_vocab_size)
+        forward = self.num_layers * per_layer + heads
+        return 3 * forward if train else forward
+
+
+class _Projection(nn.Module):
+    """``x[..., *in] @ kernel[*in, *out] + bias[*out]`` with logical axis names.
+
+    (Written out rather than ``nn.DenseGeneral``, whose initialiser works on a
+    flattened kernel that a multi-axis sharding annotation does not fit.)
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_axes: tuple[str | None, ...]
+    out_axes: tuple[str | None, ...]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                   self.in_axes + self.out_axes),
+            self.in_shape + self.out_shape, jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               self.out_axes),
+                          self.out_shape, jnp.float32)
+        letters = "abcdefgh"
+        ins = letters[:len(self.in_shape)]
+        outs = letters[len(self.in_shape):len(self.in_shape) + len(self.out_shape)]
+        y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(self.dtype),
+                       kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
+def _layer_norm(dtype, name):
+    return nn.LayerNorm(
+        dtype=dtype, param_dtype=jnp.float32, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+class Block(nn.Module):
+    """Pre-LN attention + MLP; one layer of the scanned stack."""
+
+    config: TransformerConfig
+    mode: str  # full | prefill | decode
+
+    @nn.compact
+    def __call__(self, x, layer_kind, masks, cache, position):
+        cfg = self.config
+        dtype = cfg.dtype
+        h = _layer_norm(dtype, "ln_attn")(x)
+        d, heads = (cfg.d_model,), (cfg.num_heads, cfg.head_dim)
+        q = _Projection(d, heads, ("embed",), ("heads", "kv"), dtype, name="query")(h)
+        k = _Projection(d, heads, ("embed",), ("heads", "kv"), dtype, name="key")(h)
+        v = _Projection(d, heads, ("embed",), ("heads", "kv"), dtype, name="value")(h)
+        q = q * jnp.asarray(cfg.head_dim ** -0.5, dtype)
+        if self.mode == "decode":
+            # One query at `position` against the cache (keys beyond it are masked).
+            keys = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype),
+                                                       position, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype),
+                                                         position, axis=1)
+            mask = jax.lax.dynamic_index_in_dim(masks[layer_kind], position, 0,
+                                                keepdims=True)  # [1, L]
+            new_cache = (keys, values)
+        else:
+            length = x.shape[1]
+            keys, values = k, v
+            mask = masks[layer_kind][:length, :length]
+            new_cache = (k, v) if self.mode == "prefill" else None
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys.astype(dtype),
+                            preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        attended = jnp.einsum("bhqk,bkhd->bqhd", probs, values.astype(dtype))
+        x = x + _Projection(heads, d, ("heads", "kv"), ("embed",), dtype, name="out")(attended)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        h = _layer_norm(dtype, "ln_mlp")(x)
+        h = _Projection(d, (cfg.mlp_ratio * cfg.d_model,), ("embed",), ("mlp",), dtype,
+                        name="mlp_in")(h)
+        h = nn.gelu(h)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        x = x + _Projection((cfg.mlp_ratio * cfg.d_model,), d, ("mlp",), ("embed",), dtype,
+                            name="mlp_out")(h)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, new_cache
+
+
+class Transformer(nn.Module):
+    """The stage-2 model. See the module docstring for the stream layout."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, text: jax.Array | None, image: jax.Array, *, mode: str = "full",
+                 cache: Cache | None = None, position: jax.Array | int = 0):
+        """
+        full / prefill: ``text`` int [B, text_len] and ``image`` int [B, n] (the first
+          n ≤ h·w image tokens, or [B, h, w]). Returns (text logits [B, text_len − 1,
+          text_vocab] predicting tokens 1…, image logits [B, n, image_vocab] predicting
+          image tokens 0 … n−1) — and in prefill the cache [layers, B, text_len + n, …].
+        decode: ``image`` int [B], the token before image position ``position``
+          (ignored at position 0, whose input is the start-of-image vector), and the
+          cache of a full-length prefill. Returns (image logits [B, image_vocab], cache).
+        """
+        cfg = self.config
+        if mode not in ("full", "prefill", "decode"):
+            raise ValueError(f"mode must be full, prefill or decode; got {mode!r}")
+        d = cfg.d_model
+        embed_init = nn.initializers.normal(0.02)
+
+        def table(name, shape, axes):
+            return self.param(name, nn.with_logical_partitioning(embed_init, axes), shape)
+
+        text_embedding = table("text_embedding", (cfg.text_vocab_size, d), ("vocab", "embed"))
+        text_pad = table("text_pad_embedding", (cfg.text_len, d), ("length", "embed"))
+        text_position = table("text_position_embedding", (cfg.text_len, d), ("length", "embed"))
+        image_embedding = table("image_embedding", (cfg.image_vocab_size, d), ("vocab", "embed"))
+        start_of_image = table("start_of_image_embedding", (1, d), (None, "embed"))
+        row_embedding = table("image_row_embedding", (cfg.image_height, d), (None, "embed"))
+        col_embedding = table("image_column_embedding", (cfg.image_width, d), (None, "embed"))
+
+        def image_position_embedding(a):
+            return (jnp.take(row_embedding, a // cfg.image_width, axis=0)
+                    + jnp.take(col_embedding, a % cfg.image_width, axis=0))
+
+        masks_np, kinds_np = cfg.mask_table()
+        masks, kinds = jnp.asarray(masks_np), jnp.asarray(kinds_np)
+
+        if mode == "decode":
+            a = jnp.asarray(position, jnp.int32)
+            token = jnp.clip(image, 0, cfg.image_vocab_size - 1)
+            x = jnp.where(a == 0, start_of_image[0][None, :],
+                          jnp.take(image_embedding, token, axis=0))
+            x = (x + image_position_embedding(a)[None, :])[:, None, :]
+            stream_position = cfg.text_len + a
+        else:
+            if text.shape[-1] != cfg.text_len:
+                raise ValueError(f"text must have {cfg.text_len} tokens per row; "
+                                 f"got shape {text.shape}")
+            image = image.reshape(image.shape[0], -1)
+            n = image.shape[1]
+            if n > cfg.image_len:
+                raise ValueError(f"at most {cfg.image_len} image tokens; got {n}")
+            text_x = jnp.where((text == cfg.pad_id)[..., None], text_pad[None],
+                               jnp.take(text_embedding, text, axis=0)) + text_position[None]
+            inputs = jnp.take(image_embedding, image[:, :max(n - 1, 0)], axis=0)
+            image_x = jnp.concatenate(
+                [jnp.broadcast_to(start_of_image[None], (image.shape[0], 1, d)), inputs],
+                axis=1)[:, :n]
+            image_x = image_x + image_position_embedding(jnp.arange(n))[None]
+            x = jnp.concatenate([text_x, image_x], axis=1)
+            stream_position = 0
+        x = nn.with_logical_constraint(x.astype(cfg.dtype), ("batch", "length", "embed"))
+
+        block = Block
+        policy = step_lib.remat_policy(cfg.remat_policy)
+        if cfg.remat_policy != "none":
+            block = nn.remat(Block, policy=policy, prevent_cse=False)
+        stack = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        x, new_cache = stack(cfg, mode, name="layers")(
+            x, kinds, masks, cache if mode == "decode" else None, stream_position)
+        x = _layer_norm(cfg.dtype, "ln_final")(x).astype(jnp.float32)
+
+        image_head = _Projection((d,), (cfg.image_vocab_size,), ("embed",), ("vocab",),
+                                 jnp.float32, name="image_head")
+        if mode == "decode":
+            return image_head(x[:, 0]), new_cache
+        text_head = _Projection((d,), (cfg.text_vocab_size,), ("embed",), ("vocab",),
+                                jnp.float32, name="text_head")
+        text_logits = text_head(x[:, :cfg.text_len - 1])
+        image_logits = image_head(x[:, cfg.text_len:])
+        if mode == "prefill":
+            return text_logits, image_logits, new_cache
+        return text_logits, image_logits
+
+
+def empty_cache(config: TransformerConfig, batch: int, dtype=None) -> Cache:
+    """Zero keys and values for a whole stream: 2 × [layers, B, L, heads, head_dim]."""
+    shape = (config.num_layers, batch, config.seq_len, config.num_heads, config.head_dim)
+    dtype = dtype or config.dtype
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def pad_cache(cache: Cache, length: int) -> Cache:
+    """A prefill's cache [layers, B, P, …] padded with zeros to ``length`` positions."""
+    pad = length - cache[0].shape[2]
+    widths = ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))
+    return jnp.pad(cache[0], widths), jnp.pad(cache[1], widths)
+
