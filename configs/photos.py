@@ -21,6 +21,7 @@ prepared in your own tfds folder:
 Arguments after ':' : coco (tfds coco_captions), runlocal (64 px, small batch).
 """
 from dalle_jax.config import parse_arg
+from dalle_jax.data import presets
 import ml_collections
 from ml_collections import config_dict
 
@@ -31,21 +32,7 @@ def get_config(arg=None):
     config.seed = 0
     config.batch_size = 64
 
-    config.data = ml_collections.ConfigDict()
-    config.data.source = "records"  # output of dalle_jax.tools.convert_images
-    config.data.data_dir = config_dict.placeholder(str)
-    config.data.name = "images"
-    config.data.image_key = "image"
-    config.data.caption_key = "caption"
-    config.data.image_size = 256
-    # Paper, listing 2: random square crop from the central band, area resize to
-    # [res, 9/8 res], random res x res crop, no flip.
-    config.data.preprocess = "photo"
-    config.data.shuffle_buffer = 10_000
-    if arg.coco:
-        config.data.source = "tfds"
-        config.data.name = "coco_captions"
-        config.data.caption_key = "captions/text"  # five captions per image: one at random
+    config.data = presets.photos(arg.coco, arg.runlocal)
 
     config.text = ml_collections.ConfigDict()
     config.text.tokenizer = config_dict.placeholder(str)
@@ -60,8 +47,6 @@ def get_config(arg=None):
     config.demo.split = "train"
 
     if arg.runlocal:
-        config.data.image_size = 64
-        config.data.shuffle_buffer = 256
         config.text.text_len = 64
         config.batch_size = 8
     return config

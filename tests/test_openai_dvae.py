@@ -126,6 +126,20 @@ def test_conversion_round_trip_and_verify(released):
                             released["converted"], MODEL)
 
 
+def test_a_conversion_loads_as_an_image_tokenizer(released):
+    from dalle_jax.stages.tokenizer_io import ImageTokenizerRun
+    import ml_collections
+    config = ml_collections.ConfigDict(dict(data=dict(image_size=64)))
+    tokenizer = ImageTokenizerRun.load(str(released["converted"]), config)
+    assert (tokenizer.vocab_size, tokenizer.grid_size) == (512, 8)
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    encoder, decoder, params = openai_dvae.load_converted(released["converted"])
+    codes = tokenizer.encode(images)
+    np.testing.assert_array_equal(codes, dvae.encode_codes(params["encoder"], images, encoder))
+    np.testing.assert_array_equal(tokenizer.decode(codes),
+                                  dvae.decode_codes(params["decoder"], codes, decoder, 512))
+
+
 class _RunsCode:
     """A pickle payload that would run a shell command when unpickled."""
 

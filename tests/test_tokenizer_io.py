@@ -90,3 +90,51 @@ def test_encode_dataset_writes_resumable_code_shards(run, tmp_path):
                                        progress=False) for i in range(2)]
     assert two[0] == two[1]
     assert all((tmp_path / "p" / e["file"]).exists() for e in two[0])
+
+
+def _stage2_config(stage1_config, stage1_workdir, **data):
+    config = load_config_file("configs/transformer_shapes.py:runlocal")
+    config.data.update(**{k: stage1_config.data[k] for k in (
+        "image_size", "num_train", "num_validation", "num_test", "num_holdout")}, **data)
+    config.text.update(text_len=12, vocab_size=64)
+    config.model.update(image_grid=(4, 4), image_vocab_size=32, num_layers=2, num_heads=2,
+                        head_dim=16, conv_kernel=3)
+    config.stage2.update(image_tokenizer=stage1_workdir, summary_prompts=2,
+                         summary_samples=2)
+    config.update(batch_size=8, total_steps=2)
+    config.optimizer.warmup_steps = 1
+    config.train.update(summary_every=2, log_every=1)
+    return config
+
+
+def test_stage2_trains_on_the_encoding_jobs_shards_and_on_the_fly(run, tmp_path):
+    from dalle_jax.stages import transformer as stage2
+    config, workdir = run
+    tokenizer = ImageTokenizerRun.load(workdir, config)
+    codes_dir = tmp_path / "codes"
+    for split in ("train", "validation"):
+        entries = encode_dataset.encode_split(tokenizer, config, split, str(codes_dir),
+                                              batch_size=16, progress=False)
+        (codes_dir / code_records.metadata_name(config.data.name, split)).write_text(
+            json.dumps({"shards": entries, "code_shape": [4, 4], "vocab_size": 32}))
+    from_shards = _stage2_config(config, workdir, data_dir=str(codes_dir))
+    lines = []
+    trainer.train_and_evaluate(from_shards, str(tmp_path / "s2"), console=lines.append)
+    assert any(line.startswith("step 2/2") for line in lines), lines
+    # The sample grid was decoded by the stage-1 run and written as a summary.
+    events = list((tmp_path / "s2" / "tensorboard").glob("events*"))
+    tags = {v.tag for e in events for record in tf.compat.v1.train.summary_iterator(str(e))
+            for v in record.summary.value}
+    assert any("samples" in t for t in tags), tags
+
+    # On the fly: the frozen stage-1 run encodes the pipeline's images.
+    on_the_fly = _stage2_config(config, workdir, source="captioned_shapes",
+                                data_dir=config.data.data_dir)
+    task = stage2.TransformerTask(on_the_fly, str(tmp_path / "s2"), None)
+    reference = pipeline_lib.make_pipeline(on_the_fly, "train", train=True,
+                                           tokenizer=task.tokenizer, with_captions=True,
+                                           caption_dropout=on_the_fly.stage2.caption_dropout)
+    batch, expected = next(task.train_data()), next(reference)
+    assert "image" not in batch
+    np.testing.assert_array_equal(batch["codes"], tokenizer.encode(expected["image"]))
+    np.testing.assert_array_equal(batch["text_tokens"], expected["text_tokens"])

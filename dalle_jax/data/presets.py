@@ -25,3 +25,24 @@ def captioned_shapes(image_size: int = 64, runlocal: bool = False) -> ml_collect
     data.preprocess = "resize"  # synthetic images: a plain resize, no crops
     data.shuffle_buffer = 1_000 if runlocal else 10_000
     return data
+
+
+def photos(coco: bool = False, runlocal: bool = False) -> ml_collections.ConfigDict:
+    """``config.data`` for captioned photos at 256 px: converted records (the output of
+    ``dalle_jax.tools.convert_images``) or, with ``coco``, tfds ``coco_captions``."""
+    data = ml_collections.ConfigDict()
+    data.source = "records"
+    data.data_dir = config_dict.placeholder(str)
+    data.name = "images"
+    data.image_key = "image"
+    data.caption_key = "caption"
+    data.image_size = 64 if runlocal else 256
+    # Paper, listing 2: random square crop from the central band, area resize to
+    # [res, 9/8 res], random res x res crop, no flip.
+    data.preprocess = "photo"
+    data.shuffle_buffer = 256 if runlocal else 10_000
+    if coco:
+        data.source = "tfds"
+        data.name = "coco_captions"
+        data.caption_key = "captions/text"  # five captions per image: one at random
+    return data

@@ -22,6 +22,7 @@ import numpy as np
 
 from dalle_jax import config as config_lib
 from dalle_jax.models import dvae as dvae_lib
+from dalle_jax.models import openai_dvae
 from dalle_jax.stages import image_tokenizer as stage1
 from dalle_jax.train import checkpoint as checkpoint_lib
 from dalle_jax.train import sharding as sharding_lib
@@ -51,7 +52,14 @@ class ImageTokenizerRun:
     def load(cls, workdir: str, config: ml_collections.ConfigDict | None = None,
              step: int | None = None) -> "ImageTokenizerRun":
         """The run's checkpoint at ``step`` (the latest by default), with ``config`` or
-        else the config the run wrote."""
+        else the config the run wrote.
+
+        ``workdir`` may also be a conversion of OpenAI's released dVAE (a directory with
+        ``architecture.json``, see :mod:`dalle_jax.models.openai_dvae`); its images are
+        ``config.data.image_size`` pixels (256, the release's, without a config).
+        """
+        if (epath.Path(workdir) / openai_dvae.ARCHITECTURE_FILE).exists():
+            return cls.from_openai_conversion(workdir, config)
         if config is None:
             path = epath.Path(workdir) / config_lib.CONFIG_FILE_NAME
             if not path.exists():
@@ -70,6 +78,28 @@ class ImageTokenizerRun:
             checkpoints.close()
         params = state.ema_params if state.ema_params is not None else state.params
         return cls(config, task.model, {"params": params, **state.model_state}, step)
+
+    @classmethod
+    def from_openai_conversion(cls, directory: str,
+                               config: ml_collections.ConfigDict | None = None
+                               ) -> "ImageTokenizerRun":
+        """OpenAI's dVAE converted by ``dalle_jax.tools.convert_openai_dvae``."""
+        encoder, decoder, params = openai_dvae.load_converted(directory)
+        image_size = config.data.image_size if config is not None else 256
+        run_config = ml_collections.ConfigDict(dict(
+            model=dict(kind="dvae", vocab_size=encoder.vocab_size, n_hid=encoder.n_hid,
+                       n_blk_per_group=encoder.n_blk_per_group,
+                       group_count=encoder.group_count, n_init=decoder.n_init),
+            data=dict(image_size=image_size)))
+        factor = dvae_lib.downsample_factor(encoder.group_count)
+        if image_size % factor:
+            raise ValueError(f"image size {image_size} is not divisible by the dVAE's "
+                             f"downsample factor {factor}")
+        model = stage1.ImageTokenizer(
+            kind="dvae", vocab_size=encoder.vocab_size, n_hid=encoder.n_hid,
+            n_blk_per_group=encoder.n_blk_per_group, group_count=encoder.group_count,
+            n_init=decoder.n_init)
+        return cls(run_config, model, {"params": params}, 0)
 
     @functools.cached_property
     def _encode(self):
