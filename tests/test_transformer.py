@@ -215,3 +215,52 @@ def test_the_12b_preset_builds_abstractly_and_shards():
             assert axes == {"fsdp", "tensor"}, (jax.tree_util.keystr(path), sharding.spec)
     flops = cfg.flops_per_example(train=True)
     assert flops == pytest.approx(6 * count * cfg.seq_len, rel=0.2)
+
+
+def _lowered(cfg, batch=2):
+    model = tr.Transformer(cfg)
+    text = jnp.zeros((batch, cfg.text_len), jnp.int32)
+    image = jnp.zeros((batch, cfg.image_len), jnp.int32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), text, image)
+    return jax.jit(lambda v, t, i: model.apply(v, t, i)).lower(abstract, text, image)
+
+
+def _flops(lowered):
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return cost["flops"]
+
+
+def test_masked_attention_costs_what_dense_attention_costs():
+    dense = _flops(_lowered(tr.TransformerConfig(**{**SMALL.__dict__, "attention": "dense"})))
+    paper = _flops(_lowered(SMALL))
+    assert paper <= dense * 1.01, (paper, dense)
+
+
+def test_compiled_program_does_not_grow_with_depth():
+    # Layers are one scanned body: 2 and 16 layers lower to programs of the same size.
+    two = _lowered(tr.TransformerConfig(**{**SMALL.__dict__, "num_layers": 2})).as_text()
+    sixteen = _lowered(tr.TransformerConfig(**{**SMALL.__dict__, "num_layers": 16})).as_text()
+    assert len(sixteen) < 1.1 * len(two), (len(two), len(sixteen))
+
+
+def test_remat_keeps_gradients_and_bf16_keeps_fp32_logits(small):
+    _, params, text, image = small
+
+    def grads(cfg):
+        model = tr.Transformer(cfg)
+
+        def loss(p):
+            _, logits = model.apply({"params": p}, text, image)
+            return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+                logits, image[..., None], -1)[..., 0])
+        return jax.jit(jax.grad(loss))(params)
+
+    plain = grads(SMALL)
+    remat = grads(tr.TransformerConfig(**{**SMALL.__dict__, "remat_policy": "full"}))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), plain, remat)
+    bf16 = tr.Transformer(tr.TransformerConfig(**{**SMALL.__dict__, "dtype": jnp.bfloat16}))
+    text_logits, image_logits = bf16.apply({"params": params}, text, image)
+    assert text_logits.dtype == image_logits.dtype == jnp.float32
+    full = tr.Transformer(SMALL).apply({"params": params}, text, image)[1]
+    np.testing.assert_allclose(image_logits, full, atol=0.05)
