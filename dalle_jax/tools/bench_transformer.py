@@ -288,7 +288,8 @@ def format_report(results: dict[str, Any]) -> str:
         f"model: d {model['d_model']}, {model['num_layers']} layers, "
         f"{model['num_heads']} heads x {model['head_dim']}, {model['text_len']} text + "
         f"{model['image_grid'][0]}x{model['image_grid'][1]} image tokens; "
-        f"{model['train_flops_per_example'] / 1e9:.1f} GFLOP per training example",
+        f"{metrics_lib.format_number(model['train_flops_per_example'] / 1e9, 3)} GFLOP per "
+        "training example",
         f"medians of {schedule['repeats']} interleaved rounds after a compile + first run; "
         f"total {results['total_s']:.0f} s",
         "",
@@ -324,7 +325,9 @@ def format_report(results: dict[str, Any]) -> str:
 
 def main(argv):
     del argv
-    config = flags.FLAGS.config or config_lib.load_config_file(DEFAULT_CONFIG)
+    config = flags.FLAGS.config
+    if config is None:
+        config = config_lib.load_config_file(DEFAULT_CONFIG)
     if _QUICK.value:
         config, schedule = quick_config(config), QUICK_SCHEDULE
     else:
