@@ -40,7 +40,7 @@ import numpy as np
 from dalle_jax.train import step as step_lib
 
 ATTENTION_KINDS = ("dense", "row", "column", "conv")
-Cache = tuple[jax.Array, jax.Array]  # keys, values: [layers, B, L, heads, head_dim]
+Cache = tuple[jax.Array, jax.Array]  # keys, values: [layers, B, heads, L, head_dim]
 
 
 def dalle_layer_schedule(num_layers: int) -> tuple[str, ...]:
@@ -133,6 +133,10 @@ class TransformerConfig:
     pad_id: int = 0
     dtype: Any = jnp.float32  # compute; parameters stay float32
     remat_policy: str = "none"
+    # Layers unrolled in a decode step (0: all). Unrolled layers read their weights in
+    # place instead of copying a slice of the stacked arrays per token; compile time of
+    # the decode step grows with it.
+    decode_unroll: int = 0
 
     @property
     def d_model(self) -> int:
@@ -174,10 +178,13 @@ class TransformerConfig:
 
 
 class _Projection(nn.Module):
-    """``x[..., *in] @ kernel[*in, *out] + bias[*out]`` with logical axis names.
+    """``einsum(equation, x, kernel) + bias`` with logical axis names on both.
 
-    (Written out rather than ``nn.DenseGeneral``, whose initialiser works on a
-    flattened kernel that a multi-axis sharding annotation does not fit.)
+    The default equation contracts the trailing ``in_shape`` axes of ``x`` into
+    ``out_shape``; attention passes its own to read and write head-major
+    [B, heads, L, head_dim] activations. (Written out rather than ``nn.DenseGeneral``,
+    whose initialiser works on a flattened kernel that a multi-axis sharding annotation
+    does not fit.)
     """
 
     in_shape: tuple[int, ...]
@@ -185,6 +192,8 @@ class _Projection(nn.Module):
     in_axes: tuple[str | None, ...]
     out_axes: tuple[str | None, ...]
     dtype: Any = jnp.float32
+    equation: str | None = None
+    bias_shape: tuple[int, ...] | None = None  # how the bias broadcasts in the output
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -195,12 +204,17 @@ class _Projection(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                self.out_axes),
                           self.out_shape, jnp.float32)
-        letters = "abcdefgh"
-        ins = letters[:len(self.in_shape)]
-        outs = letters[len(self.in_shape):len(self.in_shape) + len(self.out_shape)]
-        y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(self.dtype),
-                       kernel.astype(self.dtype))
-        return y + bias.astype(self.dtype)
+        equation = self.equation
+        if equation is None:
+            letters = "abcdefgh"
+            ins = letters[:len(self.in_shape)]
+            outs = letters[len(self.in_shape):len(self.in_shape) + len(self.out_shape)]
+            equation = f"...{ins},{ins}{outs}->...{outs}"
+        y = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        bias = bias.astype(self.dtype)
+        if self.bias_shape is not None:
+            bias = bias.reshape(self.bias_shape)
+        return y + bias
 
 
 def _layer_norm(dtype, name):
@@ -210,42 +224,59 @@ def _layer_norm(dtype, name):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
+_MASKED = -1e30  # added to the scores of masked keys (exp underflows to exactly 0)
+
+
 class Block(nn.Module):
-    """Pre-LN attention + MLP; one layer of the scanned stack."""
+    """Pre-LN attention + MLP; one layer of the scanned stack.
+
+    Attention runs head-major ([B, heads, L, head_dim]); masks enter as an additive
+    [L, L] bias, so the backward pass keeps nothing of them per example. In decode mode
+    the carry holds every layer's cache, [layers, B, heads, L, head_dim]: this layer
+    writes its new key and value at ``position`` in place and reads its own slice.
+    """
 
     config: TransformerConfig
     mode: str  # full | prefill | decode
 
     @nn.compact
-    def __call__(self, x, layer_kind, masks, cache, position):
+    def __call__(self, carry, layer_kind, layer_index, masks, position):
         cfg = self.config
         dtype = cfg.dtype
+        x, cache = (carry[0], carry[1:]) if self.mode == "decode" else (carry, None)
         h = _layer_norm(dtype, "ln_attn")(x)
         d, heads = (cfg.d_model,), (cfg.num_heads, cfg.head_dim)
-        q = _Projection(d, heads, ("embed",), ("heads", "kv"), dtype, name="query")(h)
-        k = _Projection(d, heads, ("embed",), ("heads", "kv"), dtype, name="key")(h)
-        v = _Projection(d, heads, ("embed",), ("heads", "kv"), dtype, name="value")(h)
+        head_major = dict(equation="bld,dhk->bhlk", bias_shape=(1, cfg.num_heads, 1,
+                                                               cfg.head_dim))
+        q = _Projection(d, heads, ("embed",), ("heads", "kv"), dtype, name="query",
+                        **head_major)(h)
+        k = _Projection(d, heads, ("embed",), ("heads", "kv"), dtype, name="key",
+                        **head_major)(h)
+        v = _Projection(d, heads, ("embed",), ("heads", "kv"), dtype, name="value",
+                        **head_major)(h)
         q = q * jnp.asarray(cfg.head_dim ** -0.5, dtype)
         if self.mode == "decode":
             # One query at `position` against the cache (keys beyond it are masked).
-            keys = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype),
-                                                       position, axis=1)
-            values = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype),
-                                                         position, axis=1)
-            mask = jax.lax.dynamic_index_in_dim(masks[layer_kind], position, 0,
-                                                keepdims=True)  # [1, L]
-            new_cache = (keys, values)
+            start = (layer_index, 0, 0, position, 0)
+            cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
+                          for c, new in zip(cache, (k, v)))
+            keys, values = (jax.lax.dynamic_index_in_dim(c, layer_index, 0, keepdims=False)
+                            for c in cache)
+            allowed = jax.lax.dynamic_index_in_dim(masks[layer_kind], position, 0,
+                                                   keepdims=True)  # [1, L]
+            out = (None,)
         else:
             length = x.shape[1]
             keys, values = k, v
-            mask = masks[layer_kind][:length, :length]
-            new_cache = (k, v) if self.mode == "prefill" else None
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys.astype(dtype),
+            allowed = masks[layer_kind][:length, :length]
+            out = (k, v) if self.mode == "prefill" else None
+        bias = jnp.where(allowed, 0.0, _MASKED).astype(jnp.float32)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, keys.astype(dtype),
                             preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        attended = jnp.einsum("bhqk,bkhd->bqhd", probs, values.astype(dtype))
-        x = x + _Projection(heads, d, ("heads", "kv"), ("embed",), dtype, name="out")(attended)
+        probs = jax.nn.softmax(scores + bias, axis=-1).astype(dtype)
+        attended = jnp.einsum("bhqk,bhkd->bhqd", probs, values.astype(dtype))
+        x = x + _Projection(heads, d, ("heads", "kv"), ("embed",), dtype, name="out",
+                            equation="bhld,hdo->blo")(attended)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         h = _layer_norm(dtype, "ln_mlp")(x)
@@ -256,7 +287,9 @@ class Block(nn.Module):
         x = x + _Projection((cfg.mlp_ratio * cfg.d_model,), d, ("mlp",), ("embed",), dtype,
                             name="mlp_out")(h)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return x, new_cache
+        if self.mode == "decode":
+            return (x,) + cache, None
+        return x, out
 
 
 class Transformer(nn.Module):
@@ -271,7 +304,7 @@ class Transformer(nn.Module):
         full / prefill: ``text`` int [B, text_len] and ``image`` int [B, n] (the first
           n ≤ h·w image tokens, or [B, h, w]). Returns (text logits [B, text_len − 1,
           text_vocab] predicting tokens 1…, image logits [B, n, image_vocab] predicting
-          image tokens 0 … n−1) — and in prefill the cache [layers, B, text_len + n, …].
+          image tokens 0 … n−1) — and in prefill the cache [layers, B, heads, text_len + n, head_dim].
         decode: ``image`` int [B], the token before image position ``position``
           (ignored at position 0, whose input is the start-of-image vector), and the
           cache of a full-length prefill. Returns (image logits [B, image_vocab], cache).
@@ -332,10 +365,16 @@ class Transformer(nn.Module):
             block = nn.remat(Block, policy=policy, prevent_cse=False)
         stack = nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
+            in_axes=(0, 0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+            unroll=(cfg.decode_unroll or cfg.num_layers) if mode == "decode" else 1,
             metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_cache = stack(cfg, mode, name="layers")(
-            x, kinds, masks, cache if mode == "decode" else None, stream_position)
+        carry = (x,) + tuple(cache) if mode == "decode" else x
+        carry, new_cache = stack(cfg, mode, name="layers")(
+            carry, kinds, jnp.arange(cfg.num_layers), masks, stream_position)
+        if mode == "decode":
+            x, new_cache = carry[0], carry[1:]
+        else:
+            x = carry
         x = _layer_norm(cfg.dtype, "ln_final")(x).astype(jnp.float32)
 
         image_head = _Projection((d,), (cfg.image_vocab_size,), ("embed",), ("vocab",),
@@ -352,15 +391,15 @@ class Transformer(nn.Module):
 
 
 def empty_cache(config: TransformerConfig, batch: int, dtype=None) -> Cache:
-    """Zero keys and values for a whole stream: 2 × [layers, B, L, heads, head_dim]."""
-    shape = (config.num_layers, batch, config.seq_len, config.num_heads, config.head_dim)
+    """Zero keys and values for a whole stream: 2 × [layers, B, heads, L, head_dim]."""
+    shape = (config.num_layers, batch, config.num_heads, config.seq_len, config.head_dim)
     dtype = dtype or config.dtype
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 def pad_cache(cache: Cache, length: int) -> Cache:
-    """A prefill's cache [layers, B, P, …] padded with zeros to ``length`` positions."""
-    pad = length - cache[0].shape[2]
-    widths = ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))
+    """A prefill's cache [layers, B, heads, P, head_dim] padded with zeros to ``length``
+    positions."""
+    pad = length - cache[0].shape[3]
+    widths = ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0))
     return jnp.pad(cache[0], widths), jnp.pad(cache[1], widths)
-
