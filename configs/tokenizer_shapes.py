@@ -59,7 +59,7 @@ def get_config(arg=None):
         splits=("train", "validation", "test", "holdout"),
         batch_size=256,
     ))
-    config.optimizer.update(learning_rate=2e-3, warmup_steps=100, end_learning_rate=2e-5,
+    config.optimizer.update(learning_rate=1e-3, warmup_steps=100, end_learning_rate=2e-5,
                             b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
     config.train.update(ema_decay=0.99, log_every=100, eval_every=1_000, summary_every=500)
     config.checkpoint.save_every = 500
