@@ -390,13 +390,6 @@ class Transformer(nn.Module):
         return text_logits, image_logits
 
 
-def empty_cache(config: TransformerConfig, batch: int, dtype=None) -> Cache:
-    """Zero keys and values for a whole stream: 2 × [layers, B, heads, L, head_dim]."""
-    shape = (config.num_layers, batch, config.num_heads, config.seq_len, config.head_dim)
-    dtype = dtype or config.dtype
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-
-
 def pad_cache(cache: Cache, length: int) -> Cache:
     """A prefill's cache [layers, B, heads, P, head_dim] padded with zeros to ``length``
     positions."""

@@ -13,7 +13,6 @@ medians. A second JAX row runs the batch as ``lax.map`` over chunks of
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from typing import Callable
@@ -25,19 +24,9 @@ import numpy as np
 from dalle_jax import config as config_lib
 from dalle_jax.models import dvae
 from dalle_jax.models import openai_dvae
+from dalle_jax.tools import machine
 
 config_lib.define_flags()
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _time(run: Callable[[], object]) -> float:
@@ -110,7 +99,7 @@ def main(argv):
     print(f"dVAE encoder, {size} px, batch {bench.batch_size}, fp32, "
           f"n_hid {model.n_hid}, vocab {model.vocab_size}; median of {bench.repeats} "
           f"after {bench.warmup} warm-up runs")
-    print(f"machine: {_cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__} "
+    print(f"machine: {machine.cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__} "
           f"({threads} threads), jax {jax.__version__} ({jax.devices()[0].platform}); "
           f"max abs logit diff to dall_e {diff:.1e}; XLA compile + first run "
           + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in compile_s.items()))

@@ -25,19 +25,13 @@ from dalle_jax.data import convert
 from dalle_jax.data import pipeline as pipeline_lib
 from dalle_jax.data import shapes_tfds
 from dalle_jax.data import tokenizer as tokenizer_lib
+from dalle_jax.tools import machine
 
 config_lib.define_flags()
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+    return (f"{machine.cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"TensorFlow {tf.__version__}")
 
 

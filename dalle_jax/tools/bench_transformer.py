@@ -44,6 +44,7 @@ from dalle_jax import config as config_lib
 from dalle_jax.models import transformer as transformer_lib
 from dalle_jax.sampling import sampler as sampler_lib
 from dalle_jax.stages import transformer as stage2
+from dalle_jax.tools import machine
 from dalle_jax.train import metrics as metrics_lib
 from dalle_jax.train import sharding as sharding_lib
 from dalle_jax.train import step as step_lib
@@ -96,14 +97,7 @@ def quick_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 def machine_description(device: jax.Device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "device": str(device),
+    return {"cpu": machine.cpu_model(), "cpu_count": os.cpu_count(), "device": str(device),
             "device_kind": getattr(device, "device_kind", device.platform),
             "jax": jax.__version__, "python": platform.python_version()}
 
