@@ -148,9 +148,11 @@ def test_loss_weighting_on_a_hand_computed_example():
     assert float(two["text_tokens"]) == 1.0
 
 
-@pytest.mark.parametrize("attention", ["dense", "dalle"])
+@pytest.mark.parametrize("attention", ["dense", "dalle", ("conv", "column", "row", "dense")])
 def test_cached_decoding_matches_the_full_pass_at_every_step(attention):
-    cfg = tr.TransformerConfig(**{**SMALL.__dict__, "attention": attention})
+    # conv_kernel 5 on the 4x4 grid: the conv window is every row (clipped to the grid).
+    cfg = tr.TransformerConfig(**{**SMALL.__dict__, "attention": attention,
+                                  "conv_kernel": 3 if attention == "dalle" else 5})
     model = tr.Transformer(cfg)
     rng = np.random.default_rng(1)
     text = jnp.asarray(rng.integers(0, cfg.text_vocab_size, (2, TEXT_LEN)), jnp.int32)
@@ -161,14 +163,32 @@ def test_cached_decoding_matches_the_full_pass_at_every_step(attention):
         _, prefill_logits, cache = model.apply({"params": params}, text, image[:, :primed],
                                                mode="prefill")
         np.testing.assert_allclose(prefill_logits, full[:, :primed], atol=1e-5)
-        cache = tr.pad_cache(cache, cfg.seq_len)
-        decode = jax.jit(lambda c, tok, a: model.apply({"params": params}, None, tok,
+        cache = tr.decode_cache(cache, cfg)
+        layer_params = tr.decode_params(params, cfg)
+        decode = jax.jit(lambda c, tok, a: model.apply({"params": layer_params}, None, tok,
                                                        mode="decode", cache=c, position=a))
         for a in range(primed, H * W):
             previous = image[:, a - 1] if a else jnp.zeros((2,), jnp.int32)
             logits, cache = decode(cache, previous, a)
             np.testing.assert_allclose(logits, full[:, a], atol=1e-5,
                                        err_msg=f"{attention}: position {a}")
+
+
+@pytest.mark.parametrize("kind", tr.ATTENTION_KINDS)
+@pytest.mark.parametrize("grid,kernel", [((4, 4), 3), ((4, 4), 11), ((5, 7), 5), ((1, 6), 3)])
+def test_decode_windows_read_only_what_the_mask_allows(kind, grid, kernel):
+    h, w = grid
+    window = tr.decode_window(kind, h, w, kernel)
+    mask = tr.image_mask(kind, h, w, kernel)
+    expected_size = {"dense": h * w, "row": min(w + 1, h * w), "column": h,
+                     "conv": min(kernel // 2 + 1, h) * w}[kind]
+    assert window.size == expected_size
+    for a in range(h * w):
+        keys = window.start[a] + window.stride * np.arange(window.size)
+        assert keys.min() >= 0 and keys.max() < h * w
+        visible = set(np.flatnonzero(mask[a]))
+        assert set(keys[window.allowed[a]]) == visible  # every visible key, nothing else
+        assert a in visible
 
 
 def test_sharded_forward_equals_single_device(small):

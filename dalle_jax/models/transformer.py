@@ -25,7 +25,11 @@ vice versa) and no FLOPs go to logits the loss ignores.
 
 One module serves three modes: ``"full"`` (training, evaluation), ``"prefill"`` (a full
 pass that also returns every layer's keys and values) and ``"decode"`` (one image
-position against a key/value cache).
+position against a key/value cache). Decoding reads the parameters one layer at a time
+(:func:`decode_params`) and a cache split into text and image keys
+(:func:`decode_cache`); each layer reads only the image keys its pattern can see —
+a row layer the previous ``w + 1``, a column layer its column, a convolutional layer
+the ``k // 2 + 1`` rows above — so the sparse patterns make decoding cheaper.
 """
 from __future__ import annotations
 
@@ -40,7 +44,10 @@ import numpy as np
 from dalle_jax.train import step as step_lib
 
 ATTENTION_KINDS = ("dense", "row", "column", "conv")
-Cache = tuple[jax.Array, jax.Array]  # keys, values: [layers, B, heads, L, head_dim]
+Cache = tuple[jax.Array, jax.Array]  # prefill: keys, values [layers, B, heads, L, head_dim]
+# decode: per layer (text keys, text values [B, heads, text_len, head_dim],
+# image keys, image values [B, heads, h·w, head_dim])
+DecodeCache = tuple[tuple[jax.Array, jax.Array, jax.Array, jax.Array], ...]
 
 
 def dalle_layer_schedule(num_layers: int) -> tuple[str, ...]:
@@ -118,6 +125,46 @@ def attention_mask(kind: str, text_len: int, height: int, width: int,
 
 
 @dataclasses.dataclass(frozen=True)
+class DecodeWindow:
+    """The image keys one decode step of a layer reads: for the query at image position
+    ``a``, keys ``start[a] + j · stride`` for j < ``size``, of which ``allowed[a, j]``
+    are visible (exactly the visible keys of :func:`image_mask`'s row ``a``)."""
+
+    size: int
+    stride: int
+    start: np.ndarray  # int32 [h·w]
+    allowed: np.ndarray  # bool [h·w, size]
+
+
+def decode_window(kind: str, height: int, width: int, conv_kernel: int = 11) -> DecodeWindow:
+    """The smallest read of each kind: dense all keys; row the ``w + 1`` keys ending at
+    the query; column the query's column; conv the ``k // 2 + 1`` grid rows ending at
+    the query's row. Checked to cover every key :func:`image_mask` allows."""
+    n = height * width
+    a = np.arange(n)
+    if kind == "dense":
+        size, stride, start = n, 1, np.zeros(n, np.int64)
+    elif kind == "row":
+        size, stride = min(width + 1, n), 1
+        start = np.clip(a - width, 0, n - size)
+    elif kind == "column":
+        size, stride, start = height, width, a % width
+    elif kind == "conv":
+        rows = min(conv_kernel // 2 + 1, height)
+        size, stride = rows * width, 1
+        start = np.clip(a // width - (rows - 1), 0, height - rows) * width
+    else:
+        raise ValueError(f"unknown attention kind {kind!r}; expected one of "
+                         f"{ATTENTION_KINDS}")
+    mask = image_mask(kind, height, width, conv_kernel)
+    keys = start[:, None] + stride * np.arange(size)[None, :]
+    allowed = np.take_along_axis(mask, keys, axis=1)
+    if not np.array_equal(allowed.sum(1), mask.sum(1)):  # a window missing a visible key
+        raise AssertionError(f"the {kind} decode window misses keys of its mask")
+    return DecodeWindow(size, stride, start.astype(np.int32), allowed)
+
+
+@dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     text_vocab_size: int = 16_384
     text_len: int = 256
@@ -133,10 +180,6 @@ class TransformerConfig:
     pad_id: int = 0
     dtype: Any = jnp.float32  # compute; parameters stay float32
     remat_policy: str = "none"
-    # Layers unrolled in a decode step (0: all). Unrolled layers read their weights in
-    # place instead of copying a slice of the stacked arrays per token; compile time of
-    # the decode step grows with it.
-    decode_unroll: int = 0
 
     @property
     def d_model(self) -> int:
@@ -217,7 +260,7 @@ class _Projection(nn.Module):
         return y + bias
 
 
-def _layer_norm(dtype, name):
+def _layer_norm(dtype, name=None):
     return nn.LayerNorm(
         dtype=dtype, param_dtype=jnp.float32, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
@@ -228,68 +271,111 @@ _MASKED = -1e30  # added to the scores of masked keys (exp underflows to exactly
 
 
 class Block(nn.Module):
-    """Pre-LN attention + MLP; one layer of the scanned stack.
+    """Pre-LN attention + MLP.
 
-    Attention runs head-major ([B, heads, L, head_dim]); masks enter as an additive
-    [L, L] bias, so the backward pass keeps nothing of them per example. In decode mode
-    the carry holds every layer's cache, [layers, B, heads, L, head_dim]: this layer
-    writes its new key and value at ``position`` in place and reads its own slice.
+    ``full`` / ``prefill``: one layer of the scanned stack, called as
+    ``(x, layer_kind, masks)``. Attention runs head-major ([B, heads, L, head_dim]);
+    masks enter as an additive [L, L] bias, so the backward pass keeps nothing of them
+    per example.
+
+    ``decode``: one layer of its own (``kind`` static), called as ``(x [B, 1, d],
+    layer cache, position)``. It writes its key and value at the image position and
+    attends to every text key and to the image keys of its :func:`decode_window`.
+    Projections are token-major here: for one token per row XLA's CPU matrix-vector
+    product would transpose every kernel on every step to produce head-major output.
     """
 
     config: TransformerConfig
     mode: str  # full | prefill | decode
+    kind: str = "dense"  # decode only
 
-    @nn.compact
-    def __call__(self, carry, layer_kind, layer_index, masks, position):
+    def setup(self):
+        cfg = self.config
+        d, heads = (cfg.d_model,), (cfg.num_heads, cfg.head_dim)
+        if self.mode == "decode":
+            qkv = dict(equation="bld,dhk->blhk")
+            out_equation = "blhd,hdo->blo"
+        else:
+            qkv = dict(equation="bld,dhk->bhlk", bias_shape=(1, cfg.num_heads, 1,
+                                                              cfg.head_dim))
+            out_equation = "bhld,hdo->blo"
+        self.ln_attn = _layer_norm(cfg.dtype)
+        self.query = _Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype, **qkv)
+        self.key = _Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype, **qkv)
+        self.value = _Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype, **qkv)
+        self.out = _Projection(heads, d, ("heads", "kv"), ("embed",), cfg.dtype,
+                               equation=out_equation)
+        self.ln_mlp = _layer_norm(cfg.dtype)
+        hidden = (cfg.mlp_ratio * cfg.d_model,)
+        self.mlp_in = _Projection(d, hidden, ("embed",), ("mlp",), cfg.dtype)
+        self.mlp_out = _Projection(hidden, d, ("mlp",), ("embed",), cfg.dtype)
+
+    def _qkv(self, x):
+        h = self.ln_attn(x)
+        q = self.query(h) * jnp.asarray(self.config.head_dim ** -0.5, self.config.dtype)
+        return q, self.key(h), self.value(h)
+
+    def _mlp(self, x, attended):
+        x = x + self.out(attended)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        h = nn.gelu(self.mlp_in(self.ln_mlp(x)))
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        x = x + self.mlp_out(h)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    def __call__(self, *args):
+        if self.mode == "decode":
+            return self._decode(*args)
+        return self._full(*args)
+
+    def _full(self, x, layer_kind, masks):
+        dtype = self.config.dtype
+        q, k, v = self._qkv(x)
+        length = x.shape[1]
+        allowed = masks[layer_kind][:length, :length]
+        bias = jnp.where(allowed, 0.0, _MASKED).astype(jnp.float32)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(scores + bias, axis=-1).astype(dtype)
+        attended = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+        return self._mlp(x, attended), ((k, v) if self.mode == "prefill" else None)
+
+    def _decode(self, x, cache, position):
         cfg = self.config
         dtype = cfg.dtype
-        x, cache = (carry[0], carry[1:]) if self.mode == "decode" else (carry, None)
-        h = _layer_norm(dtype, "ln_attn")(x)
-        d, heads = (cfg.d_model,), (cfg.num_heads, cfg.head_dim)
-        head_major = dict(equation="bld,dhk->bhlk", bias_shape=(1, cfg.num_heads, 1,
-                                                               cfg.head_dim))
-        q = _Projection(d, heads, ("embed",), ("heads", "kv"), dtype, name="query",
-                        **head_major)(h)
-        k = _Projection(d, heads, ("embed",), ("heads", "kv"), dtype, name="key",
-                        **head_major)(h)
-        v = _Projection(d, heads, ("embed",), ("heads", "kv"), dtype, name="value",
-                        **head_major)(h)
-        q = q * jnp.asarray(cfg.head_dim ** -0.5, dtype)
-        if self.mode == "decode":
-            # One query at `position` against the cache (keys beyond it are masked).
-            start = (layer_index, 0, 0, position, 0)
-            cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
-                          for c, new in zip(cache, (k, v)))
-            keys, values = (jax.lax.dynamic_index_in_dim(c, layer_index, 0, keepdims=False)
-                            for c in cache)
-            allowed = jax.lax.dynamic_index_in_dim(masks[layer_kind], position, 0,
-                                                   keepdims=True)  # [1, L]
-            out = (None,)
+        text_k, text_v, image_k, image_v = cache
+        q, k, v = (t[:, 0] for t in self._qkv(x))  # [B, heads, head_dim]
+        start = (0, 0, position, 0)
+        image_k = jax.lax.dynamic_update_slice(image_k, k[:, :, None].astype(image_k.dtype),
+                                               start)
+        image_v = jax.lax.dynamic_update_slice(image_v, v[:, :, None].astype(image_v.dtype),
+                                               start)
+        window = decode_window(self.kind, cfg.image_height, cfg.image_width,
+                               cfg.conv_kernel)
+        allowed = jax.lax.dynamic_index_in_dim(jnp.asarray(window.allowed), position, 0,
+                                               keepdims=False)
+        if window.size == cfg.image_len:
+            keys, values = image_k, image_v
         else:
-            length = x.shape[1]
-            keys, values = k, v
-            allowed = masks[layer_kind][:length, :length]
-            out = (k, v) if self.mode == "prefill" else None
-        bias = jnp.where(allowed, 0.0, _MASKED).astype(jnp.float32)
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q, keys.astype(dtype),
-                            preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(scores + bias, axis=-1).astype(dtype)
-        attended = jnp.einsum("bhqk,bhkd->bhqd", probs, values.astype(dtype))
-        x = x + _Projection(heads, d, ("heads", "kv"), ("embed",), dtype, name="out",
-                            equation="bhld,hdo->blo")(attended)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-        h = _layer_norm(dtype, "ln_mlp")(x)
-        h = _Projection(d, (cfg.mlp_ratio * cfg.d_model,), ("embed",), ("mlp",), dtype,
-                        name="mlp_in")(h)
-        h = nn.gelu(h)
-        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-        x = x + _Projection((cfg.mlp_ratio * cfg.d_model,), d, ("mlp",), ("embed",), dtype,
-                            name="mlp_out")(h)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        if self.mode == "decode":
-            return (x,) + cache, None
-        return x, out
+            # A gather: XLA on CPU copies the whole cache on every step when a dynamic
+            # slice reads a cache that the same step updates in place.
+            slots = jnp.asarray(window.start)[position] + window.stride * jnp.arange(
+                window.size)
+            keys, values = (jnp.take(c, slots, axis=2, mode="clip")
+                            for c in (image_k, image_v))
+        scores = jnp.concatenate([
+            jnp.einsum("bhd,bhkd->bhk", q, text_k.astype(dtype),
+                       preferred_element_type=jnp.float32),
+            jnp.einsum("bhd,bhkd->bhk", q, keys.astype(dtype),
+                       preferred_element_type=jnp.float32)
+            + jnp.where(allowed, 0.0, _MASKED),
+        ], axis=-1)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        attended = (jnp.einsum("bhk,bhkd->bhd", probs[..., :cfg.text_len],
+                               text_v.astype(dtype))
+                    + jnp.einsum("bhk,bhkd->bhd", probs[..., cfg.text_len:],
+                                 values.astype(dtype)))
+        x = self._mlp(x, attended[:, None])
+        return x, (text_k, text_v, image_k, image_v)
 
 
 class Transformer(nn.Module):
@@ -307,7 +393,8 @@ class Transformer(nn.Module):
           image tokens 0 … n−1) — and in prefill the cache [layers, B, heads, text_len + n, head_dim].
         decode: ``image`` int [B], the token before image position ``position``
           (ignored at position 0, whose input is the start-of-image vector), and the
-          cache of a full-length prefill. Returns (image logits [B, image_vocab], cache).
+          cache made by :func:`decode_cache`; the parameters are the per-layer ones of
+          :func:`decode_params`. Returns (image logits [B, image_vocab], cache).
         """
         cfg = self.config
         if mode not in ("full", "prefill", "decode"):
@@ -330,16 +417,12 @@ class Transformer(nn.Module):
             return (jnp.take(row_embedding, a // cfg.image_width, axis=0)
                     + jnp.take(col_embedding, a % cfg.image_width, axis=0))
 
-        masks_np, kinds_np = cfg.mask_table()
-        masks, kinds = jnp.asarray(masks_np), jnp.asarray(kinds_np)
-
         if mode == "decode":
             a = jnp.asarray(position, jnp.int32)
             token = jnp.clip(image, 0, cfg.image_vocab_size - 1)
             x = jnp.where(a == 0, start_of_image[0][None, :],
                           jnp.take(image_embedding, token, axis=0))
             x = (x + image_position_embedding(a)[None, :])[:, None, :]
-            stream_position = cfg.text_len + a
         else:
             if text.shape[-1] != cfg.text_len:
                 raise ValueError(f"text must have {cfg.text_len} tokens per row; "
@@ -356,25 +439,27 @@ class Transformer(nn.Module):
                 axis=1)[:, :n]
             image_x = image_x + image_position_embedding(jnp.arange(n))[None]
             x = jnp.concatenate([text_x, image_x], axis=1)
-            stream_position = 0
         x = nn.with_logical_constraint(x.astype(cfg.dtype), ("batch", "length", "embed"))
 
-        block = Block
-        policy = step_lib.remat_policy(cfg.remat_policy)
-        if cfg.remat_policy != "none":
-            block = nn.remat(Block, policy=policy, prevent_cse=False)
-        stack = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, 0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-            unroll=(cfg.decode_unroll or cfg.num_layers) if mode == "decode" else 1,
-            metadata_params={nn.PARTITION_NAME: "layers"})
-        carry = (x,) + tuple(cache) if mode == "decode" else x
-        carry, new_cache = stack(cfg, mode, name="layers")(
-            carry, kinds, jnp.arange(cfg.num_layers), masks, stream_position)
         if mode == "decode":
-            x, new_cache = carry[0], carry[1:]
+            new_cache = []
+            for i, kind in enumerate(cfg.schedule):
+                x, layer_cache = Block(cfg, mode, kind, name=f"layer_{i}")(
+                    x, cache[i], a)
+                new_cache.append(layer_cache)
+            new_cache = tuple(new_cache)
         else:
-            x = carry
+            block = Block
+            if cfg.remat_policy != "none":
+                block = nn.remat(Block, policy=step_lib.remat_policy(cfg.remat_policy),
+                                 prevent_cse=False)
+            stack = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            masks, kinds = cfg.mask_table()
+            x, new_cache = stack(cfg, mode, name="layers")(x, jnp.asarray(kinds),
+                                                          jnp.asarray(masks))
         x = _layer_norm(cfg.dtype, "ln_final")(x).astype(jnp.float32)
 
         image_head = _Projection((d,), (cfg.image_vocab_size,), ("embed",), ("vocab",),
@@ -390,9 +475,25 @@ class Transformer(nn.Module):
         return text_logits, image_logits
 
 
-def pad_cache(cache: Cache, length: int) -> Cache:
-    """A prefill's cache [layers, B, heads, P, head_dim] padded with zeros to ``length``
-    positions."""
-    pad = length - cache[0].shape[3]
-    widths = ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0))
-    return jnp.pad(cache[0], widths), jnp.pad(cache[1], widths)
+def decode_params(params, config: TransformerConfig):
+    """The parameters a decode step reads: the scanned stack ``layers`` ([layers, …]
+    arrays) split into ``layer_0`` … ``layer_{n−1}``. Made once per sampling call, so a
+    decode step reads each layer's weights in place rather than slicing the stack on
+    every token."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(config.num_layers):
+        params[f"layer_{i}"] = jax.tree.map(lambda p, i=i: p[i], stacked)
+    return params
+
+
+def decode_cache(cache: Cache, config: TransformerConfig) -> DecodeCache:
+    """A prefill's cache ([layers, B, heads, text_len + n, head_dim]) as the decode
+    steps read it: per layer the text keys and values, and the image keys and values
+    padded with zeros to all ``h·w`` positions."""
+    text_len, pad = config.text_len, config.seq_len - cache[0].shape[3]
+    widths = ((0, 0), (0, 0), (0, pad), (0, 0))
+    return tuple(
+        (keys[i, :, :, :text_len], values[i, :, :, :text_len],
+         jnp.pad(keys[i, :, :, text_len:], widths), jnp.pad(values[i, :, :, text_len:], widths))
+        for keys, values in [cache] for i in range(config.num_layers))

@@ -106,13 +106,14 @@ def sample_cached(model: transformer_lib.Transformer, params, text: jax.Array,
     stream = _with_unconditional(text, settings, cfg.pad_id)
     prefix = _twice(prime[:, :prime_positions], settings)
     _, _, cache = model.apply(variables, stream, prefix, mode="prefill")
-    cache = transformer_lib.pad_cache(cache, cfg.seq_len)
+    cache = transformer_lib.decode_cache(cache, cfg)
+    decode_variables = {"params": transformer_lib.decode_params(params, cfg)}
     codes = jnp.where(jnp.arange(cfg.image_len) < prime_positions, prime, 0).astype(jnp.int32)
 
     def body(a, carry):
         codes, cache = carry
         previous = jax.lax.dynamic_index_in_dim(codes, jnp.maximum(a - 1, 0), 1, False)
-        logits, cache = model.apply(variables, None, _twice(previous, settings),
+        logits, cache = model.apply(decode_variables, None, _twice(previous, settings),
                                     mode="decode", cache=cache, position=a)
         token = _draw(_guide(logits, settings, rows), rng, a, settings)
         codes = jax.lax.dynamic_update_index_in_dim(codes, token, a, 1)
