@@ -55,6 +55,9 @@ def get_config(arg=None):
         # one kind for all layers, or a list of kinds per layer.
         attention="dalle",
         conv_kernel=5,  # the paper's 11 is wider than an 8x8 grid
+        # nn.scan over the layers (compile time independent of depth); False unrolls
+        # them, which trains small models faster (BENCHMARKS.md) but compiles per layer.
+        scan_layers=True,
     ))
 
     config.stage2 = ml_collections.ConfigDict(dict(

@@ -1,6 +1,7 @@
 """Stage 2: the transformer's masks, embeddings, heads, loss, cache and sharding."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -174,6 +175,20 @@ def test_cached_decoding_matches_the_full_pass_at_every_step(attention):
                                        err_msg=f"{attention}: position {a}")
 
 
+def test_unscanned_layers_compute_what_the_scan_computes(small):
+    model, params, text, image = small
+    cfg = dataclasses.replace(model.config, scan_layers=False)
+    unscanned = tr.Transformer(cfg)
+    abstract = jax.eval_shape(unscanned.init, jax.random.key(0), text, image)["params"]
+    assert "layers" not in abstract and f"layer_{cfg.num_layers - 1}" in abstract
+    layer_params = tr.decode_params(params, model.config)  # the stack split per layer
+    assert jax.tree.structure(nn.unbox(abstract)) == jax.tree.structure(layer_params)
+    expected = model.apply({"params": params}, text, image, mode="prefill")
+    got = unscanned.apply({"params": layer_params}, text, image, mode="prefill")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, expected)
+    assert tr.decode_params(layer_params, cfg) is layer_params
+
+
 @pytest.mark.parametrize("kind", tr.ATTENTION_KINDS)
 @pytest.mark.parametrize("grid,kernel", [((4, 4), 3), ((4, 4), 11), ((5, 7), 5), ((1, 6), 3)])
 def test_decode_windows_read_only_what_the_mask_allows(kind, grid, kernel):
@@ -191,9 +206,13 @@ def test_decode_windows_read_only_what_the_mask_allows(kind, grid, kernel):
         assert a in visible
 
 
-def test_sharded_forward_equals_single_device(small):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_sharded_forward_equals_single_device(small, scan_layers):
     model, params, text, image = small
     expected = model.apply({"params": params}, text, image)
+    if not scan_layers:
+        model = tr.Transformer(dataclasses.replace(model.config, scan_layers=False))
+        params = tr.decode_params(params, SMALL)
     mesh = sharding_lib.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2, dcn_data=1)))
     rules = defaults.DEFAULT_RULES
     abstract = jax.eval_shape(model.init, jax.random.key(0), text, image)["params"]
@@ -206,7 +225,10 @@ def test_sharded_forward_equals_single_device(small):
         got = jax.jit(lambda p, t, i: model.apply({"params": p}, t, i))(
             sharded, jax.device_put(text8, batch), jax.device_put(image8, batch))
     # The query projection really is split over the tensor axis.
-    assert sharded["layers"]["query"]["kernel"].sharding.spec[2] == "tensor"
+    if scan_layers:
+        assert sharded["layers"]["query"]["kernel"].sharding.spec[2] == "tensor"
+    else:
+        assert sharded["layer_0"]["query"]["kernel"].sharding.spec[1] == "tensor"
     for g, e in zip(got, expected):
         np.testing.assert_allclose(np.asarray(g)[:3], e, atol=1e-5)
 

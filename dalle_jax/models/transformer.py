@@ -180,6 +180,10 @@ class TransformerConfig:
     pad_id: int = 0
     dtype: Any = jnp.float32  # compute; parameters stay float32
     remat_policy: str = "none"
+    # False: the layers are a Python loop (parameters layer_0 … layer_{n−1}) instead of
+    # nn.scan (one stacked ``layers``): no per-layer stacking of saved activations and
+    # gradients, so small models train faster, but compile time grows with depth.
+    scan_layers: bool = True
 
     @property
     def d_model(self) -> int:
@@ -441,6 +445,10 @@ class Transformer(nn.Module):
             x = jnp.concatenate([text_x, image_x], axis=1)
         x = nn.with_logical_constraint(x.astype(cfg.dtype), ("batch", "length", "embed"))
 
+        block = Block
+        if cfg.remat_policy != "none" and mode != "decode":
+            block = nn.remat(Block, policy=step_lib.remat_policy(cfg.remat_policy),
+                             prevent_cse=False)
         if mode == "decode":
             new_cache = []
             for i, kind in enumerate(cfg.schedule):
@@ -448,11 +456,16 @@ class Transformer(nn.Module):
                     x, cache[i], a)
                 new_cache.append(layer_cache)
             new_cache = tuple(new_cache)
+        elif not cfg.scan_layers:
+            masks, kinds = cfg.mask_table()
+            masks = jnp.asarray(masks)
+            caches = []
+            for i in range(cfg.num_layers):
+                x, layer_cache = block(cfg, mode, name=f"layer_{i}")(x, int(kinds[i]), masks)
+                caches.append(layer_cache)
+            new_cache = (tuple(jnp.stack(c) for c in zip(*caches)) if mode == "prefill"
+                         else None)
         else:
-            block = Block
-            if cfg.remat_policy != "none":
-                block = nn.remat(Block, policy=step_lib.remat_policy(cfg.remat_policy),
-                                 prevent_cse=False)
             stack = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(0, nn.broadcast), length=cfg.num_layers,
@@ -480,6 +493,8 @@ def decode_params(params, config: TransformerConfig):
     arrays) split into ``layer_0`` … ``layer_{n−1}``. Made once per sampling call, so a
     decode step reads each layer's weights in place rather than slicing the stack on
     every token."""
+    if not config.scan_layers:
+        return params  # already one entry per layer
     params = dict(params)
     stacked = params.pop("layers")
     for i in range(config.num_layers):

@@ -46,7 +46,8 @@ def model_config(config) -> transformer_lib.TransformerConfig:
         conv_kernel=m.conv_kernel,
         pad_id=tokenizer_lib.PAD_ID,
         dtype=jnp.dtype(config.train.compute_dtype),
-        remat_policy=config.train.remat_policy)
+        remat_policy=config.train.remat_policy,
+        scan_layers=m.get("scan_layers", True))
 
 
 def sequence_loss(text_logits: jax.Array, image_logits: jax.Array, text: jax.Array,
