@@ -118,6 +118,25 @@ def test_conv_init_statistics():
     assert not np.asarray(params["input"]["bias"]).any()
 
 
+def test_max_pool_matches_flax_and_routes_the_gradient_to_the_maximum():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 8, 3))
+    np.testing.assert_array_equal(dvae.max_pool_2x2(x),
+                                  nn.max_pool(x, (2, 2), strides=(2, 2)))
+    grad = jax.grad(lambda x: dvae.max_pool_2x2(x).sum())(x)
+    winners = x == jnp.repeat(jnp.repeat(dvae.max_pool_2x2(x), 2, 1), 2, 2)
+    np.testing.assert_array_equal(grad, winners.astype(grad.dtype))
+
+
+def test_pointwise_convs_compute_what_a_1x1_conv_computes():
+    layer = dvae._conv(5, 1, jnp.float32, jnp.float32, "c")
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
+    params = nn.unbox(layer.init(jax.random.key(2), x)["params"])
+    params["bias"] = jnp.arange(5.0)
+    assert params["kernel"].shape == (1, 1, 3, 5)
+    expected = nn.Conv(5, (1, 1)).apply({"params": params}, x)
+    np.testing.assert_allclose(layer.apply({"params": params}, x), expected, atol=1e-6)
+
+
 def test_map_unmap_round_trip():
     x = jnp.linspace(0, 1, 101)
     mapped = dvae.map_pixels(x)
