@@ -151,7 +151,7 @@ def test_loss_weighting_on_a_hand_computed_example():
 
 @pytest.mark.parametrize("attention", ["dense", "dalle", ("conv", "column", "row", "dense")])
 def test_cached_decoding_matches_the_full_pass_at_every_step(attention):
-    # conv_kernel 5 on the 4x4 grid: the conv window is every row (clipped to the grid).
+    # conv_kernel 5 on the 4x4 grid: a 3-row conv window, clipped at the top of the grid.
     cfg = tr.TransformerConfig(**{**SMALL.__dict__, "attention": attention,
                                   "conv_kernel": 3 if attention == "dalle" else 5})
     model = tr.Transformer(cfg)

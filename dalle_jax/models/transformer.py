@@ -506,9 +506,10 @@ def decode_cache(cache: Cache, config: TransformerConfig) -> DecodeCache:
     """A prefill's cache ([layers, B, heads, text_len + n, head_dim]) as the decode
     steps read it: per layer the text keys and values, and the image keys and values
     padded with zeros to all ``h·w`` positions."""
-    text_len, pad = config.text_len, config.seq_len - cache[0].shape[3]
+    keys, values = cache
+    text_len, pad = config.text_len, config.seq_len - keys.shape[3]
     widths = ((0, 0), (0, 0), (0, pad), (0, 0))
     return tuple(
         (keys[i, :, :, :text_len], values[i, :, :, :text_len],
          jnp.pad(keys[i, :, :, text_len:], widths), jnp.pad(values[i, :, :, text_len:], widths))
-        for keys, values in [cache] for i in range(config.num_layers))
+        for i in range(config.num_layers))
