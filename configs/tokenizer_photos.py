@@ -52,6 +52,7 @@ def get_config(arg=None):
         temperature_end=1.0 / 16,
         temperature_steps=150_000,
         kl_weight=6.6,
+        marginal_kl_weight=0.0,
         kl_warmup_steps=5_000,
         commitment_weight=0.25,
         straight_through=False,

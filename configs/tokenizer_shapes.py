@@ -49,6 +49,7 @@ def get_config(arg=None):
         temperature_steps=config.total_steps,
         kl_weight=6.6,
         kl_warmup_steps=config.total_steps // 10,
+        marginal_kl_weight=0.0,
         commitment_weight=0.25,
         straight_through=False,
         eval_split="validation",

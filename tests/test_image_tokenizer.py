@@ -113,7 +113,8 @@ def test_task_trains_on_a_mesh_and_reports_its_metrics(kind):
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0]
     expected = {"recon_mse", "psnr", "perplexity", "codes_used", "recon_loss",
-                "temperature"} | ({"kl", "beta"} if kind == "dvae" else {"commitment"})
+                "temperature"} | ({"kl", "beta", "marginal_perplexity"} if kind == "dvae"
+                                  else {"commitment"})
     assert expected <= set(metrics)
     assert 0 < float(metrics["codes_used"]) <= 1
     loss, eval_metrics = training.eval_step(state.params, state.model_state, batch, state.step)
@@ -131,6 +132,46 @@ def test_kl_to_the_uniform_prior_vanishes_for_uniform_logits():
     _, metrics, _ = jax.jit(lambda p: task.loss(p, {}, batch, jax.random.key(0), train=True,
                                                 step=0))(params)
     assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_marginal_kl_tells_collapse_from_certain_codes_spread_over_the_codebook():
+    vocab = 4
+    certain = 30.0 * jax.nn.one_hot(jnp.arange(8) % vocab, vocab)  # 8 positions, 2 per code
+    spread = jax.nn.log_softmax(certain.reshape(2, 2, 2, vocab), -1)
+    collapsed = jax.nn.log_softmax(jnp.broadcast_to(certain[0], (2, 2, 2, vocab)), -1)
+    uniform = jnp.full((2, 2, 2, vocab), -math.log(vocab))
+    both = jnp.ones((2,))
+    assert float(stage1._marginal_kl(spread, both)) == pytest.approx(0.0, abs=1e-6)
+    assert float(stage1._marginal_kl(uniform, both)) == pytest.approx(0.0, abs=1e-6)
+    assert float(stage1._marginal_kl(collapsed, both)) == pytest.approx(math.log(vocab),
+                                                                         abs=1e-5)
+    # Padded examples do not count: the second example alone uses codes 0..3 once each.
+    first_only = jnp.concatenate([collapsed[:1], spread[1:]])
+    assert float(stage1._marginal_kl(first_only, jnp.array([0.0, 1.0]))) == pytest.approx(
+        0.0, abs=1e-6)
+    assert float(stage1._marginal_kl(first_only, jnp.array([1.0, 0.0]))) == pytest.approx(
+        math.log(vocab), abs=1e-5)
+
+
+def test_marginal_kl_weight_adds_the_batch_term_per_grid_position():
+    config = _tiny_config("dvae")
+    task = stage1.ImageTokenizerTask(config, None, None)
+    params = task.init(jax.random.key(0))["params"]
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    batch = {"image": images, "mask": np.ones((2,), bool)}
+
+    def loss(weight):
+        config.stage1.marginal_kl_weight = weight
+        return task.loss(params, {}, batch, jax.random.key(3), train=True, step=10)
+
+    base, metrics, _ = loss(0.0)
+    weighted, _, _ = loss(40.0)
+    marginal_kl = math.log(config.model.vocab_size) - math.log(
+        float(metrics["marginal_perplexity"]))
+    assert marginal_kl > 0
+    positions, pixels = (16 // 4) ** 2, 16 * 16 * 3
+    assert float(weighted - base) == pytest.approx(40.0 * positions * marginal_kl / pixels,
+                                                   rel=1e-4)
 
 
 def test_image_size_must_fit_the_downsampling():

@@ -114,6 +114,20 @@ def _per_example_mean(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1).mean(-1)
 
 
+def _marginal_kl(log_q: jax.Array, weights: jax.Array) -> jax.Array:
+    """KL from the batch's mean code distribution (real examples, every position) to
+    the uniform one: ln K − H(q̄). It is 0 when the batch as a whole spreads over every
+    code, whatever each position's own certainty, and ln K when all positions favour
+    the same code; so penalising it counters codebook collapse without pushing each
+    position towards uniform (which the per-position KL to the prior does)."""
+    vocab = log_q.shape[-1]
+    q = jnp.exp(log_q).reshape(log_q.shape[0], -1, vocab)
+    w = weights / jnp.maximum(weights.sum(), 1.0)
+    q_mean = jnp.einsum("bnk,b->k", q, w) / q.shape[1]
+    entropy = -jnp.sum(q_mean * jnp.log(jnp.maximum(q_mean, 1e-30)))
+    return math.log(vocab) - entropy
+
+
 def _code_usage(codes: jax.Array, weights: jax.Array, vocab_size: int) -> dict[str, jax.Array]:
     one_hot = jax.nn.one_hot(codes.reshape(codes.shape[0], -1), vocab_size)
     counts = jnp.einsum("bnk,b->k", one_hot, weights)
@@ -194,6 +208,7 @@ class ImageTokenizerTask:
         else:
             recon_loss = _per_example_mean(logit_laplace_nll(stats, x_mapped))
         per_example = recon_loss
+        extra_loss = 0.0
         pixels = math.prod(self.image_shape)
         if self.config.model.kind == "dvae":
             log_q = jax.nn.log_softmax(aux["logits"], -1)
@@ -202,12 +217,20 @@ class ImageTokenizerTask:
             beta = cosine_anneal(step, 0.0, s.kl_weight, s.kl_warmup_steps)
             per_example = per_example + beta * kl / pixels  # normalised per pixel
             metrics.update(kl=jnp.sum(kl * weights) / num_real, beta=beta)
+            marginal_kl = _marginal_kl(log_q, weights)
+            metrics["marginal_perplexity"] = self.config.model.vocab_size * jnp.exp(-marginal_kl)
+            balance = s.get("marginal_kl_weight", 0.0)
+            if balance:
+                # Per grid position, like the KL above: the batch term is spread over
+                # the positions of every real example.
+                positions = math.prod(log_q.shape[1:3])
+                extra_loss = balance * positions * marginal_kl / pixels
         else:
             per_example = per_example + s.commitment_weight * aux["commitment"]
             metrics["commitment"] = aux["commitment"]
         metrics["recon_loss"] = jnp.sum(recon_loss * weights) / num_real
         metrics.update(_code_usage(codes, weights, self.config.model.vocab_size))
-        loss = jnp.sum(per_example * weights) / num_real
+        loss = jnp.sum(per_example * weights) / num_real + extra_loss
         return loss, metrics, new_state
 
     # --- data -------------------------------------------------------------------------

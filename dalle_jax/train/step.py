@@ -140,22 +140,24 @@ def make_train_step(
             state.params, state.model_state, batch, rng, state.step)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if ema is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
 
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def update(state):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema = state.ema_params
+            if ema is not None:
+                ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                   ema, params)
+            return state.replace(params=params, model_state=model_state,
+                                 opt_state=opt_state, ema_params=ema)
 
+        # A conditional, not a select of new against old values: only the branch taken
+        # runs, so a finite step does not read and write every parameter, moment and
+        # EMA value once more.
+        new_state = jax.lax.cond(finite, update, lambda state: state, state)
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
-        new_state = state.replace(
+        new_state = new_state.replace(
             step=state.step + 1,
-            params=keep_if_finite(params, state.params),
-            model_state=keep_if_finite(model_state, state.model_state),
-            opt_state=keep_if_finite(opt_state, state.opt_state),
-            ema_params=None if ema is None else keep_if_finite(ema, state.ema_params),
             nonfinite_streak=streak,
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
         )
