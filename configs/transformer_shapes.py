@@ -85,8 +85,10 @@ def get_config(arg=None):
 
     if arg.size == "bench":
         config.text.text_len = 64
+        # Unrolled layers: 8 compile quickly, and the step is faster than the scan's
+        # (no per-layer stacking of saved activations and gradients; BENCHMARKS.md).
         config.model.update(image_grid=(16, 16), image_vocab_size=1024, num_layers=8,
-                            num_heads=8, head_dim=64, conv_kernel=11)
+                            num_heads=8, head_dim=64, conv_kernel=11, scan_layers=False)
         config.batch_size = 8
     elif arg.size == "12b":
         config.text.update(text_len=256, vocab_size=16_384)

@@ -7,6 +7,12 @@ the uniform prior is weighted by β rising 0 → 6.6 (cosine); the whole loss is
 normalised per pixel (so the effective KL weight is β / (3·f²) per position).
 Encoding is the argmax of the logits, without noise.
 
+Optionally (``stage1.marginal_kl_weight``, 0 in the paper's configs) the dVAE also pays
+for the KL from the batch's mean code distribution to the uniform one, weighted per
+grid position like the paper's KL. Early in a short run every position tends to settle
+on the same certain code; this term makes that costly without asking any one position
+to be uncertain (BENCHMARKS.md, "Stage 1: quality on captioned shapes").
+
 VQ-VAE: the same backbone with the encoder's last layer producing ``code_dim``
 features, snapped to an EMA codebook (:mod:`dalle_jax.models.vq`), a commitment loss
 weighted 0.25 and a logit-Laplace or MSE reconstruction loss.
