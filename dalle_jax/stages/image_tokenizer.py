@@ -214,7 +214,6 @@ class ImageTokenizerTask:
         else:
             recon_loss = _per_example_mean(logit_laplace_nll(stats, x_mapped))
         per_example = recon_loss
-        extra_loss = 0.0
         pixels = math.prod(self.image_shape)
         if self.config.model.kind == "dvae":
             log_q = jax.nn.log_softmax(aux["logits"], -1)
@@ -225,18 +224,17 @@ class ImageTokenizerTask:
             metrics.update(kl=jnp.sum(kl * weights) / num_real, beta=beta)
             marginal_kl = _marginal_kl(log_q, weights)
             metrics["marginal_perplexity"] = self.config.model.vocab_size * jnp.exp(-marginal_kl)
-            balance = s.get("marginal_kl_weight", 0.0)
-            if balance:
-                # Per grid position, like the KL above: the batch term is spread over
-                # the positions of every real example.
-                positions = math.prod(log_q.shape[1:3])
-                extra_loss = balance * positions * marginal_kl / pixels
+            # A batch term, charged to every real example per grid position like the KL
+            # above, so the mean over real examples adds it once.
+            positions = math.prod(log_q.shape[1:3])
+            per_example = per_example + (s.get("marginal_kl_weight", 0.0) * positions
+                                         * marginal_kl / pixels)
         else:
             per_example = per_example + s.commitment_weight * aux["commitment"]
             metrics["commitment"] = aux["commitment"]
         metrics["recon_loss"] = jnp.sum(recon_loss * weights) / num_real
         metrics.update(_code_usage(codes, weights, self.config.model.vocab_size))
-        loss = jnp.sum(per_example * weights) / num_real + extra_loss
+        loss = jnp.sum(per_example * weights) / num_real
         return loss, metrics, new_state
 
     # --- data -------------------------------------------------------------------------
