@@ -13,6 +13,7 @@ medians. A second JAX row runs the batch as ``lax.map`` over chunks of
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import time
 from typing import Callable
@@ -33,6 +34,10 @@ def _time(run: Callable[[], object]) -> float:
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main(argv):
@@ -90,15 +95,19 @@ def main(argv):
             run()
     # Interleaved, so that every implementation sees the same machine state.
     times = {name: [] for name in runs}
+    faults = {name: [] for name in runs}
     for _ in range(bench.repeats):
         for name, run in runs.items():
+            before = _minor_faults()
             times[name].append(_time(run))
+            faults[name].append(_minor_faults() - before)
     medians = {name: statistics.median(values) for name, values in times.items()}
     rate = {name: bench.batch_size / seconds for name, seconds in medians.items()}
 
     print(f"dVAE encoder, {size} px, batch {bench.batch_size}, fp32, "
           f"n_hid {model.n_hid}, vocab {model.vocab_size}; median of {bench.repeats} "
-          f"after {bench.warmup} warm-up runs")
+          f"after {bench.warmup} warm-up runs; GLIBC_TUNABLES="
+          f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}")
     print(f"machine: {machine.cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__} "
           f"({threads} threads), jax {jax.__version__} ({jax.devices()[0].platform}); "
           f"max abs logit diff to dall_e {diff:.1e}; XLA compile + first run "
@@ -106,11 +115,13 @@ def main(argv):
     print()
     labels = {"torch": "dall_e (PyTorch, no_grad)", "jax": "dalle_jax (jit)",
               "jax_chunked": f"dalle_jax (jit, lax.map over chunks of {chunk})"}
-    print("| encoder | s / batch | images / s | vs dall_e |")
-    print("|---|---:|---:|---:|")
+    # Minor page faults per batch: first touches of fresh pages, as when large buffers
+    # go back to the kernel between calls and come back zeroed.
+    print("| encoder | s / batch | images / s | vs dall_e | minor page faults / batch |")
+    print("|---|---:|---:|---:|---:|")
     for name in runs:
         print(f"| {labels[name]} | {medians[name]:.2f} | {rate[name]:.2f} | "
-              f"{rate[name] / rate['torch']:.2f}× |")
+              f"{rate[name] / rate['torch']:.2f}× | {statistics.median(faults[name]):,.0f} |")
 
 if __name__ == "__main__":
     config_lib.run(main)
