@@ -7,8 +7,9 @@ encoder at ``config.model``'s sizes, converted), fp32, ``config.bench.batch_size
 images of ``config.model.image_size`` px. Each is timed ``repeats`` times after
 ``warmup`` runs, interleaved so that all see the same machine state; the table gives
 medians. A second JAX row runs the batch as ``lax.map`` over chunks of
-``config.bench.chunk_size`` images inside one jitted program. Needs torch and dall_e
-(see configs/dvae_openai.py).
+``config.bench.chunk_size`` images inside one jitted program. Each row also gives the
+median count of minor page faults per batch (with ``GLIBC_TUNABLES`` echoed, since the
+allocator's settings change it). Needs torch and dall_e (see configs/dvae_openai.py).
 """
 from __future__ import annotations
 
