@@ -51,5 +51,6 @@ def get_config(arg=None):
     config.bench.repeats = 5  # medians over these
     config.bench.chunk_size = 2  # also time the batch as lax.map over chunks; 0: don't
     config.bench.threads = 0  # torch intra-op threads; 0: every core
+    config.bench.torch_device = "cpu"  # or "cuda" on a GPU machine
     config.bench.seed = 0
     return config

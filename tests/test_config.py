@@ -41,6 +41,26 @@ def test_shapes_variants():
     assert local.data.image_size == 32 and local.data.num_train < default.data.num_train
 
 
+def test_tokenizer_shapes_objectives():
+    def load(arg):
+        return config_lib.load_config_file(str(ROOT / f"configs/tokenizer_shapes.py:{arg}"))
+
+    tuned, paper, vq = load("kind=dvae"), load("objective=paper"), load("kind=vqvae")
+    # The default dVAE reconstructs with MSE, so its KL weights shrink with the loss.
+    assert tuned.model.recon_loss == "mse" and paper.model.recon_loss == "logit_laplace"
+    assert tuned.stage1.kl_weight < paper.stage1.kl_weight == 6.6
+    assert tuned.stage1.marginal_kl_weight < paper.stage1.marginal_kl_weight
+    assert tuned.optimizer.learning_rate == 2 * paper.optimizer.learning_rate
+    # The schedules follow each run's length.
+    for config in (tuned, paper, vq):
+        assert config.stage1.temperature_steps == config.total_steps
+        assert config.stage1.kl_warmup_steps == config.total_steps // 10
+    assert tuned.total_steps == 2 * paper.total_steps
+    assert vq.model.recon_loss == "mse" and vq.total_steps == paper.total_steps
+    with pytest.raises(ValueError, match="objective must be mse or paper"):
+        load("objective=laplace")
+
+
 def test_check_override_keys_names_the_key():
     config = config_lib.load_config_file(str(ROOT / "configs/shapes.py"))
     config_lib.check_override_keys(config, ["data.image_size", "text.text_len", "seed"])

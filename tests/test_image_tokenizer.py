@@ -85,17 +85,20 @@ def test_dead_codes_restart_from_encoder_outputs():
     assert out[1].tolist() == [0, 1, 1, 2]
 
 
-def _tiny_config(kind):
-    config = load_config_file(f"configs/tokenizer_shapes.py:kind={kind},runlocal")
+def _tiny_config(kind, objective="mse"):
+    config = load_config_file(
+        f"configs/tokenizer_shapes.py:kind={kind},objective={objective},runlocal")
     config.model.update(n_hid=8, n_init=8, vocab_size=32, code_dim=8, group_count=3)
     config.data.image_size = 16
     config.batch_size = 8
     return config
 
 
-@pytest.mark.parametrize("kind", ["dvae", "vqvae"])
-def test_task_trains_on_a_mesh_and_reports_its_metrics(kind):
-    config = _tiny_config(kind)
+@pytest.mark.parametrize("kind,objective", [("dvae", "mse"), ("dvae", "paper"),
+                                            ("vqvae", "mse")])
+def test_task_trains_on_a_mesh_and_reports_its_metrics(kind, objective):
+    config = _tiny_config(kind, objective)
+    assert config.model.recon_loss == ("logit_laplace" if objective == "paper" else "mse")
     config.mesh.update(data=4, fsdp=2, tensor=1)
     mesh = sharding_lib.make_mesh(config.mesh)
     task = stage1.ImageTokenizerTask(config, None, mesh)

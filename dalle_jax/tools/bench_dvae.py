@@ -10,6 +10,11 @@ medians. A second JAX row runs the batch as ``lax.map`` over chunks of
 ``config.bench.chunk_size`` images inside one jitted program. Each row also gives the
 median count of minor page faults per batch (with ``GLIBC_TUNABLES`` echoed, since the
 allocator's settings change it). Needs torch and dall_e (see configs/dvae_openai.py).
+
+On a GPU machine, ``--config.bench.torch_device=cuda`` runs the PyTorch encoder there
+too (the JAX one runs on JAX's default device). Both then compute in full fp32: TF32 is
+turned off in cuDNN and JAX's matmul precision is set to ``highest``, and each timed
+run ends with its device's synchronisation.
 """
 from __future__ import annotations
 
@@ -51,6 +56,13 @@ def main(argv):
     threads = bench.threads or os.cpu_count()
     torch.set_num_threads(threads)
     torch.manual_seed(bench.seed)
+    device = torch.device(bench.get("torch_device", "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("bench.torch_device=cuda, but torch sees no CUDA device")
+        torch.backends.cudnn.allow_tf32 = False  # fp32, as the JAX side below
+        torch.backends.cuda.matmul.allow_tf32 = False
+        jax.config.update("jax_default_matmul_precision", "highest")
     torch_encoder = TorchEncoder(n_hid=model.n_hid, n_blk_per_group=model.n_blk_per_group,
                                  vocab_size=model.vocab_size).eval()
     encoder, _ = openai_dvae.modules_from_config(model)
@@ -64,7 +76,8 @@ def main(argv):
                                                  np.float32))
     pixels_nhwc = jax.device_put(np.asarray(pixels))
     pixels_nchw = torch.from_numpy(
-        np.ascontiguousarray(np.asarray(pixels).transpose(0, 3, 1, 2)))
+        np.ascontiguousarray(np.asarray(pixels).transpose(0, 3, 1, 2))).to(device)
+    torch_encoder.to(device)
 
     apply = jax.jit(encoder.apply)
     chunk = bench.chunk_size
@@ -79,7 +92,10 @@ def main(argv):
 
     def run_torch():
         with torch.no_grad():
-            return torch_encoder(pixels_nchw)
+            logits = torch_encoder(pixels_nchw)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return logits
 
     runs = {"torch": run_torch,
             "jax": lambda: apply({"params": params}, pixels_nhwc).block_until_ready()}
@@ -89,7 +105,7 @@ def main(argv):
         runs["jax_chunked"] = lambda: apply_in_chunks(
             {"params": params}, pixels_nhwc).block_until_ready()
     compile_s = {name: _time(run) for name, run in runs.items() if name != "torch"}
-    reference = runs["torch"]().numpy().transpose(0, 2, 3, 1)
+    reference = runs["torch"]().cpu().numpy().transpose(0, 2, 3, 1)
     diff = max(float(np.abs(np.asarray(runs[name]()) - reference).max()) for name in compile_s)
     for _ in range(bench.warmup):
         for run in runs.values():
@@ -110,7 +126,8 @@ def main(argv):
           f"after {bench.warmup} warm-up runs; GLIBC_TUNABLES="
           f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}")
     print(f"machine: {machine.cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__} "
-          f"({threads} threads), jax {jax.__version__} ({jax.devices()[0].platform}); "
+          f"({device}, {threads} threads), jax {jax.__version__} "
+          f"({jax.devices()[0].device_kind}); "
           f"max abs logit diff to dall_e {diff:.1e}; XLA compile + first run "
           + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in compile_s.items()))
     print()
