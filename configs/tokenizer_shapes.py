@@ -52,7 +52,8 @@ def get_config(arg=None):
         recon_loss="logit_laplace" if arg.kind == "dvae" and not tuned_dvae else "mse",
     ))
     # The paper's schedules, scaled to the run: temperature 1 -> 1/16 (cosine) and
-    # KL weight 0 -> 6.6 (cosine), over fractions of the run instead of 150k / 5k steps.
+    # KL weight 0 -> kl_weight (cosine; the paper's 6.6, or 0.002 for the MSE objective
+    # below), over fractions of the run instead of 150k / 5k steps.
     config.stage1 = ml_collections.ConfigDict(dict(
         temperature_start=1.0,
         temperature_end=1.0 / 16,
