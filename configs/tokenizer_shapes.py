@@ -49,7 +49,7 @@ def get_config(arg=None):
         vq_decay=0.99,
         vq_restart_threshold=1.0,
         vq_normalize=False,
-        recon_loss="logit_laplace" if arg.kind == "dvae" and not tuned_dvae else "mse",
+        recon_loss="logit_laplace" if arg.kind == "dvae" and arg.objective == "paper" else "mse",
     ))
     # The paper's schedules, scaled to the run: temperature 1 -> 1/16 (cosine) and
     # KL weight 0 -> kl_weight (cosine; the paper's 6.6, or 0.002 for the MSE objective
