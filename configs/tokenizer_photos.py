@@ -62,6 +62,9 @@ def get_config(arg=None):
         output_dir=config_dict.placeholder(str),
         splits=("train", "validation"),
         batch_size=64,
+        # Images per encoder pass on each device (dalle_jax.models.dvae.in_chunks); 0: all.
+        # On a CPU host 1 is the fastest at 256 px (BENCHMARKS.md); accelerators want 0.
+        chunk_size=0,
     ))
     config.optimizer.update(learning_rate=1e-4, warmup_steps=0, end_learning_rate=1.25e-6,
                             b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)

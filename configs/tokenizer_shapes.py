@@ -73,6 +73,8 @@ def get_config(arg=None):
         output_dir=config_dict.placeholder(str),
         splits=("train", "validation", "test", "holdout"),
         batch_size=256,
+        # Images per encoder pass on each device (dalle_jax.models.dvae.in_chunks); 0: all.
+        chunk_size=0,
     ))
     config.optimizer.update(learning_rate=1e-3, warmup_steps=100, end_learning_rate=2e-5,
                             b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)

@@ -125,6 +125,11 @@ def test_max_pool_matches_flax_and_routes_the_gradient_to_the_maximum():
     grad = jax.grad(lambda x: dvae.max_pool_2x2(x).sum())(x)
     winners = x == jnp.repeat(jnp.repeat(dvae.max_pool_2x2(x), 2, 1), 2, 2)
     np.testing.assert_array_equal(grad, winners.astype(grad.dtype))
+    # Ties share the gradient: a window of four equal values gives each a quarter, and
+    # one whose two largest are equal gives each of them half.
+    ties = jnp.array([[1.0, 1.0, 0.0, 3.0], [1.0, 1.0, 3.0, 2.0]]).reshape(1, 2, 4, 1)
+    grad = jax.grad(lambda x: dvae.max_pool_2x2(x).sum())(ties)
+    np.testing.assert_array_equal(grad[0, :, :, 0], [[0.25, 0.25, 0, 0.5], [0.25, 0.25, 0.5, 0]])
 
 
 def test_pointwise_convs_compute_what_a_1x1_conv_computes():
@@ -155,6 +160,34 @@ def test_encode_decode_round_trip_shapes(small_params):
         codes, dvae.encode_codes(small_params[0], images / 255.0, SMALL_ENCODER))
     decoded = dvae.decode_codes(small_params[1], codes, SMALL_DECODER, 64)
     assert decoded.shape == (2, 64, 64, 3) and decoded.dtype == jnp.uint8
+    # One image at a time inside the same program: the same codes.
+    np.testing.assert_array_equal(
+        codes, dvae.encode_codes(small_params[0], images, SMALL_ENCODER, chunk_size=1))
+
+
+def test_in_chunks_keeps_every_example_on_its_device():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = jax.device_put(jnp.arange(8 * 6 * 5, dtype=jnp.float32).reshape(48, 5), sharding)
+
+    def per_example(x):  # one output row per input row, and a second output
+        return {"sum": x.sum(-1), "scaled": x * 2 + 1}
+
+    expected = per_example(x)
+    chunked = jax.jit(lambda x: dvae.in_chunks(per_example, x, 2, num_shards=8))
+    out = chunked(x)
+    np.testing.assert_array_equal(out["sum"], expected["sum"])
+    np.testing.assert_array_equal(out["scaled"], expected["scaled"])
+    hlo = chunked.lower(x).compile().as_text()
+    assert " while(" in hlo  # three chunks per device, one after another
+    for collective in ("all-gather", "all-to-all", "all-reduce", "collective-permute"):
+        assert collective not in hlo, collective
+    assert out["sum"].sharding.spec == sharding.spec
+    with pytest.raises(ValueError, match="chunk size 4 does not divide the 6 examples"):
+        dvae.in_chunks(per_example, x, 4, num_shards=8)
+    with pytest.raises(ValueError, match="batch 48 does not split into 5 shards"):
+        dvae.in_chunks(per_example, x, 1, num_shards=5)
+    assert dvae.in_chunks(per_example, x, 0)["sum"].shape == (48,)
 
 
 @pytest.mark.parametrize("images, message", [

@@ -1,4 +1,5 @@
 """A trained stage-1 run as a library, its evaluation and the dataset-encoding job."""
+import dataclasses
 import json
 
 import numpy as np
@@ -46,6 +47,23 @@ def test_load_encode_decode(run):
         tokenizer.decode(np.full((1, 4, 4), 32))
     with pytest.raises(ValueError, match=r"codes must be \[B, 4, 4\]"):
         tokenizer.decode(codes[:, :2])
+
+
+def test_encoding_splits_the_batch_over_the_local_devices(run):
+    config, workdir = run
+    tokenizer = ImageTokenizerRun.load(workdir, config)
+    images = np.random.default_rng(1).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+    placed = tokenizer._split_batch(images)
+    codes = tokenizer._encode(tokenizer._device_variables, placed)
+    assert len(codes.sharding.device_set) == 8
+    assert codes.addressable_shards[0].data.shape == (4, 4, 4)  # 32 images / 8 devices
+    expected = tokenizer.encode(images)
+    # Two images at a time on each device: the same codes.
+    chunked = dataclasses.replace(tokenizer, encode_chunk_size=2)
+    np.testing.assert_array_equal(chunked.encode(images), expected)
+    np.testing.assert_array_equal(chunked.encode(images[:3]), expected[:3])  # padded
+    with pytest.raises(ValueError, match="encode_chunk_size 3 does not divide the 4"):
+        dataclasses.replace(tokenizer, encode_chunk_size=3).encode(images)
 
 
 def test_evaluation_reports_psnr_and_code_usage(run):

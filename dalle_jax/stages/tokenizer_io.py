@@ -23,6 +23,7 @@ import numpy as np
 from dalle_jax import config as config_lib
 from dalle_jax.models import dvae as dvae_lib
 from dalle_jax.models import openai_dvae
+from dalle_jax.models import xla_cpu
 from dalle_jax.stages import image_tokenizer as stage1
 from dalle_jax.train import checkpoint as checkpoint_lib
 from dalle_jax.train import sharding as sharding_lib
@@ -35,6 +36,9 @@ class ImageTokenizerRun:
     model: stage1.ImageTokenizer
     variables: Any
     step: int
+    # Images per encoder pass on each device inside one jitted call (see
+    # dalle_jax.models.dvae.in_chunks); 0: the device's whole share of the batch.
+    encode_chunk_size: int = 0
 
     @property
     def vocab_size(self) -> int:
@@ -102,18 +106,38 @@ class ImageTokenizerRun:
         return cls(run_config, model, {"params": params}, 0)
 
     @functools.cached_property
+    def _mesh(self) -> jax.sharding.Mesh:
+        """This process's devices along the batch axis."""
+        return sharding_lib.make_mesh(
+            ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), jax.local_devices())
+
+    @functools.cached_property
+    def _device_variables(self):
+        return jax.device_put(self.variables, sharding_lib.replicated(self._mesh))
+
+    def _split_batch(self, array: np.ndarray) -> jax.Array:
+        """``array`` padded to a multiple of the local device count, its batch split over
+        the local devices."""
+        pad = -len(array) % self._mesh.size
+        if pad:
+            array = np.concatenate([array, np.zeros((pad,) + array.shape[1:], array.dtype)])
+        return jax.device_put(array, sharding_lib.batch_sharding(self._mesh))
+
+    @functools.cached_property
     def _encode(self):
         def encode(variables, images):
             x = dvae_lib.map_pixels(images.astype(jnp.float32) / 255.0)
-            return self.model.apply(variables, x, method=stage1.ImageTokenizer.encode)
-        return jax.jit(encode)
+            return dvae_lib.in_chunks(
+                lambda x: self.model.apply(variables, x, method=stage1.ImageTokenizer.encode),
+                x, self.encode_chunk_size, num_shards=self._mesh.size)
+        return jax.jit(encode, compiler_options=xla_cpu.inference_options())
 
     @functools.cached_property
     def _decode(self):
         def decode(variables, codes):
             stats = self.model.apply(variables, codes, method=stage1.ImageTokenizer.decode)
             return jnp.round(stage1.reconstruction(stats) * 255.0).astype(jnp.uint8)
-        return jax.jit(decode)
+        return jax.jit(decode, compiler_options=xla_cpu.inference_options())
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 [B, H, W, 3] at the run's image size → int32 codes [B, h, w]."""
@@ -124,7 +148,15 @@ class ImageTokenizerRun:
                              f"got {images.shape}")
         if images.dtype != np.uint8:
             raise ValueError(f"images must be uint8, got {images.dtype}")
-        return np.asarray(self._encode(self.variables, images))
+        per_device = -(-len(images) // self._mesh.size)
+        if self.encode_chunk_size > 0 and per_device > self.encode_chunk_size and (
+                per_device % self.encode_chunk_size):
+            raise ValueError(
+                f"encode_chunk_size {self.encode_chunk_size} does not divide the "
+                f"{per_device} images per device of a batch of {len(images)} over "
+                f"{self._mesh.size} device(s)")
+        codes = self._encode(self._device_variables, self._split_batch(images))
+        return np.asarray(codes)[:len(images)]
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """int codes [B, h, w] → uint8 images [B, H, W, 3]."""
@@ -135,4 +167,5 @@ class ImageTokenizerRun:
         if codes.size and (codes.min() < 0 or codes.max() >= self.vocab_size):
             raise ValueError(f"codes must be in [0, {self.vocab_size}), got values in "
                              f"[{codes.min()}, {codes.max()}]")
-        return np.asarray(self._decode(self.variables, codes.astype(np.int32)))
+        images = self._decode(self._device_variables, self._split_batch(codes.astype(np.int32)))
+        return np.asarray(images)[:len(codes)]

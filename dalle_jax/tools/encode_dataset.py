@@ -11,6 +11,7 @@ renamed when complete, so an interrupted job leaves no partial shard.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from absl import app, flags
@@ -86,6 +87,12 @@ def main(argv):
     tokenizer = ImageTokenizerRun.load(workdir, config)
     if config.encode.batch_size % jax.local_device_count():
         raise app.UsageError("config.encode.batch_size must split over the local devices")
+    chunk = config.encode.get("chunk_size", 0)
+    per_device = config.encode.batch_size // jax.local_device_count()
+    if chunk > 0 and chunk < per_device and per_device % chunk:
+        raise app.UsageError(f"config.encode.chunk_size {chunk} must divide the "
+                             f"{per_device} images per local device of a batch")
+    tokenizer = dataclasses.replace(tokenizer, encode_chunk_size=chunk)
     for split in config.encode.splits:
         entries = encode_split(tokenizer, config, split, config.encode.output_dir,
                                batch_size=config.encode.batch_size,
