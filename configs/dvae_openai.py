@@ -50,9 +50,6 @@ def get_config(arg=None):
     config.bench.warmup = 2
     config.bench.repeats = 5  # medians over these
     config.bench.chunk_size = 1  # also time the batch as lax.map over chunks; 0: don't
-    # Also time the encoder compiled with XLA's default options (on the CPU the project
-    # compiles its encoding paths with dalle_jax.models.xla_cpu's options).
-    config.bench.compare_xla_defaults = True
     config.bench.threads = 0  # torch intra-op threads; 0: every core
     config.bench.torch_device = "cpu"  # or "cuda" on a GPU machine
     config.bench.seed = 0

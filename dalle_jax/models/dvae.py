@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax.models import xla_cpu
 
 LOGIT_LAPLACE_EPS = 0.1
 KERNEL_AXES = (None, None, "conv_in", "conv_out")
@@ -162,11 +161,12 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
     Same values as ``nn.max_pool``, computed as two pairwise maxima: first of row pairs,
     then of neighbouring columns, which a reshape lays side by side in the channel axis.
-    Every step is an element-wise maximum over contiguous channel vectors, which XLA's
-    CPU loops vectorise: on a [1, 256, 256, 256] input it took 5.8 ms against 16.0 ms for
-    a max over a [.., 2, .., 2, ..] reshape and 32.0 ms for ``reduce_window``. Its
-    gradient is an element-wise mask rather than ``reduce_window``'s argmax bookkeeping
-    (four index arrays the size of the input and a scatter). Ties share the gradient.
+    Every step is an element-wise maximum over contiguous channel vectors. On the CPU
+    that took 5.8 ms on a [1, 256, 256, 256] input, against 16.0 ms for a max-reduction
+    over a [.., 2, .., 2, ..] reshape and 32.0 ms for ``reduce_window``, and it made the
+    released encoder 1.17× faster at 256 px (BENCHMARKS.md). The gradient is an
+    element-wise mask rather than ``reduce_window``'s argmax bookkeeping (four index
+    arrays the size of the input and a scatter). Ties share the gradient.
     """
     b, h, w, c = x.shape
     rows = x.reshape(b, h // 2, 2, w, c)
@@ -310,7 +310,7 @@ def _encode_impl(module: Encoder, params: Any, images: jax.Array,
     return in_chunks(codes, x, chunk_size)
 
 
-_encode = xla_cpu.jit(_encode_impl, static_argnums=(0, 3))
+_encode = jax.jit(_encode_impl, static_argnums=(0, 3))
 
 
 def encode_codes(encoder_params: Any, images_uint8: Any, encoder_module: Encoder,
@@ -333,7 +333,7 @@ def _decode_impl(module: Decoder, params: Any, codes: jax.Array, vocab_size: int
     return jnp.round(pixels * 255).astype(jnp.uint8)
 
 
-_decode = xla_cpu.jit(_decode_impl, static_argnums=(0, 3))
+_decode = jax.jit(_decode_impl, static_argnums=(0, 3))
 
 
 def decode_codes(decoder_params: Any, codes: Any, decoder_module: Decoder,

@@ -23,7 +23,6 @@ import numpy as np
 from dalle_jax import config as config_lib
 from dalle_jax.models import dvae as dvae_lib
 from dalle_jax.models import openai_dvae
-from dalle_jax.models import xla_cpu
 from dalle_jax.stages import image_tokenizer as stage1
 from dalle_jax.train import checkpoint as checkpoint_lib
 from dalle_jax.train import sharding as sharding_lib
@@ -130,14 +129,14 @@ class ImageTokenizerRun:
             return dvae_lib.in_chunks(
                 lambda x: self.model.apply(variables, x, method=stage1.ImageTokenizer.encode),
                 x, self.encode_chunk_size, num_shards=self._mesh.size)
-        return jax.jit(encode, compiler_options=xla_cpu.inference_options())
+        return jax.jit(encode)
 
     @functools.cached_property
     def _decode(self):
         def decode(variables, codes):
             stats = self.model.apply(variables, codes, method=stage1.ImageTokenizer.decode)
             return jnp.round(stage1.reconstruction(stats) * 255.0).astype(jnp.uint8)
-        return jax.jit(decode, compiler_options=xla_cpu.inference_options())
+        return jax.jit(decode)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 [B, H, W, 3] at the run's image size → int32 codes [B, h, w]."""

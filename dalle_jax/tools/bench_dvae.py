@@ -7,10 +7,8 @@ encoder at ``config.model``'s sizes, converted), fp32, ``config.bench.batch_size
 images of ``config.model.image_size`` px. Each is timed ``repeats`` times after
 ``warmup`` runs, interleaved so that all see the same machine state; the table gives
 medians. A second JAX row runs the batch as ``lax.map`` over chunks of
-``config.bench.chunk_size`` images inside one jitted program. Both compile with the
-options the project's encoding paths use on the CPU (:mod:`dalle_jax.models.xla_cpu`);
-a third JAX row (``config.bench.compare_xla_defaults``) compiles with XLA's defaults
-instead, to show what those options change. Each row also gives the
+``config.bench.chunk_size`` images inside one jitted program (``dvae.in_chunks``, as the
+encoding job runs with ``config.encode.chunk_size``). Each row also gives the
 median count of minor page faults per batch (with ``GLIBC_TUNABLES`` echoed, since the
 allocator's settings change it). Needs torch and dall_e (see configs/dvae_openai.py).
 
@@ -21,7 +19,6 @@ run ends with its device's synchronisation.
 """
 from __future__ import annotations
 
-import functools
 import os
 import resource
 import statistics
@@ -35,7 +32,6 @@ import numpy as np
 from dalle_jax import config as config_lib
 from dalle_jax.models import dvae
 from dalle_jax.models import openai_dvae
-from dalle_jax.models import xla_cpu
 from dalle_jax.tools import machine
 
 config_lib.define_flags()
@@ -84,12 +80,10 @@ def main(argv):
         np.ascontiguousarray(np.asarray(pixels).transpose(0, 3, 1, 2))).to(device)
     torch_encoder.to(device)
 
-    # As the project's encoding paths compile it (dalle_jax.models.xla_cpu).
-    options = xla_cpu.inference_options()
-    apply = jax.jit(encoder.apply, compiler_options=options)
+    apply = jax.jit(encoder.apply)
     chunk = bench.chunk_size
 
-    @functools.partial(jax.jit, compiler_options=options)
+    @jax.jit
     def apply_in_chunks(variables, pixels):
         # As the encoding job runs with config.encode.chunk_size: one chunk at a time
         # inside the same program, for fewer live activations and the same arithmetic.
@@ -104,10 +98,6 @@ def main(argv):
 
     runs = {"torch": run_torch,
             "jax": lambda: apply({"params": params}, pixels_nhwc).block_until_ready()}
-    if options and bench.get("compare_xla_defaults", True):
-        apply_defaults = jax.jit(encoder.apply)
-        runs["jax_defaults"] = lambda: apply_defaults(
-            {"params": params}, pixels_nhwc).block_until_ready()
     if chunk and chunk < bench.batch_size:
         if bench.batch_size % chunk:
             raise ValueError(f"bench.chunk_size {chunk} does not divide the batch size")
@@ -137,12 +127,10 @@ def main(argv):
     print(f"machine: {machine.cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__} "
           f"({device}, {threads} threads), jax {jax.__version__} "
           f"({jax.devices()[0].device_kind}); "
-          f"max abs logit diff to dall_e {diff:.1e}; XLA compile options {options}; "
-          f"XLA compile + first run "
+          f"max abs logit diff to dall_e {diff:.1e}; XLA compile + first run "
           + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in compile_s.items()))
     print()
     labels = {"torch": "dall_e (PyTorch, no_grad)", "jax": "dalle_jax (jit)",
-              "jax_defaults": "dalle_jax (jit, XLA's default library fusion)",
               "jax_chunked": f"dalle_jax (jit, lax.map over chunks of {chunk})"}
     # Minor page faults per batch: first touches of fresh pages, as when large buffers
     # go back to the kernel between calls and come back zeroed.
