@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 LOGIT_LAPLACE_EPS = 0.1
 KERNEL_AXES = (None, None, "conv_in", "conv_out")
 BIAS_AXES = ("conv_out",)
