@@ -24,6 +24,7 @@ encoder has 53,786,240 parameters and the decoder 43,829,766.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -295,8 +296,8 @@ def in_chunks(fn: Callable[[jax.Array], Any], x: jax.Array, chunk_size: int,
     return jax.tree.map(from_steps, jax.lax.map(fn, to_steps(x)))
 
 
-def _encode_impl(module: Encoder, params: Any, images: jax.Array,
-                 chunk_size: int = 0) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode(module: Encoder, params: Any, images: jax.Array, chunk_size: int) -> jax.Array:
     if images.dtype == jnp.uint8:
         x = images.astype(jnp.float32) / 255.0
     else:
@@ -307,9 +308,6 @@ def _encode_impl(module: Encoder, params: Any, images: jax.Array,
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     return in_chunks(codes, x, chunk_size)
-
-
-_encode = jax.jit(_encode_impl, static_argnums=(0, 3))
 
 
 def encode_codes(encoder_params: Any, images_uint8: Any, encoder_module: Encoder,
@@ -325,14 +323,12 @@ def encode_codes(encoder_params: Any, images_uint8: Any, encoder_module: Encoder
     return _encode(encoder_module, encoder_params, images, chunk_size)
 
 
-def _decode_impl(module: Decoder, params: Any, codes: jax.Array, vocab_size: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _decode(module: Decoder, params: Any, codes: jax.Array, vocab_size: int) -> jax.Array:
     z = jax.nn.one_hot(codes, vocab_size, dtype=module.dtype)
     out = module.apply({"params": params}, z)
     pixels = unmap_pixels(jax.nn.sigmoid(out[..., :module.output_channels]))
     return jnp.round(pixels * 255).astype(jnp.uint8)
-
-
-_decode = jax.jit(_decode_impl, static_argnums=(0, 3))
 
 
 def decode_codes(decoder_params: Any, codes: Any, decoder_module: Decoder,

@@ -29,6 +29,12 @@ from dalle_jax.train import sharding as sharding_lib
 from dalle_jax.train import trainer
 
 
+def _local_batch_mesh() -> jax.sharding.Mesh:
+    """This process's devices, all along the batch axis."""
+    return sharding_lib.make_mesh(
+        ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), jax.local_devices())
+
+
 @dataclasses.dataclass
 class ImageTokenizerRun:
     config: ml_collections.ConfigDict
@@ -69,8 +75,7 @@ class ImageTokenizerRun:
                 raise FileNotFoundError(f"{path} not found: is {workdir} a stage-1 run?")
             config = ml_collections.ConfigDict(json.loads(path.read_text()))
             config.data.holdout_pairs = tuple(tuple(p) for p in config.data.holdout_pairs)
-        mesh = sharding_lib.make_mesh(
-            ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), jax.local_devices())
+        mesh = _local_batch_mesh()
         task = stage1.ImageTokenizerTask(config, workdir, mesh)
         training = trainer.build(config, task, mesh, sharding_lib.logical_rules(config.sharding))
         checkpoints = checkpoint_lib.Checkpointer(epath.Path(workdir) / "checkpoints",
@@ -106,9 +111,7 @@ class ImageTokenizerRun:
 
     @functools.cached_property
     def _mesh(self) -> jax.sharding.Mesh:
-        """This process's devices along the batch axis."""
-        return sharding_lib.make_mesh(
-            ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), jax.local_devices())
+        return _local_batch_mesh()
 
     @functools.cached_property
     def _device_variables(self):
