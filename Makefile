@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   the main job on the embedded default (captioned shapes)
-#   make test   the whole test suite
+#   make test   the whole test suite (make test-fast: without the slow tests)
 # Both create .venv and install the package only when setup.cfg changed.
 
 PYTHON ?= python3
@@ -8,10 +8,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
 WORKDIR ?= runs/demo
-CONFIG ?= configs/shapes.py
+CONFIG ?= configs/input_shapes.py
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-fast bench venv clean
 
 venv: $(STAMP)
 
@@ -29,8 +29,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The suite without the tests marked slow (subprocess jobs, multi-process, training runs).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
 bench: $(STAMP)
-	$(PY) -m dalle_jax.tools.bench_input --config=configs/bench_input.py
+	$(PY) -m dalle_jax.tools.bench all
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,7 +1,7 @@
 r"""python -m dalle_jax.tools.convert_images --config=configs/convert_images.py \
       --config.input_dir=/data/my_images --config.output_dir=/data/my_records
 
-Converts captioned images into the TFRecord shards that configs/photos.py trains on.
+Converts captioned images into the TFRecord shards that configs/input_photos.py trains on.
 Give either a folder (each image with a same-name .txt caption beside it) as
 input_dir, or a CSV/JSONL manifest of paths and captions:
 

@@ -1,6 +1,6 @@
 r"""Stage 2 on captioned shapes: the DALL·E transformer over [32 caption tokens | 8x8 codes].
 
-Train a stage-1 tokenizer and encode the dataset first (configs/tokenizer_shapes.py),
+Train a stage-1 tokenizer and encode the dataset first (configs/image_tokenizer_shapes.py),
 then:
 
   python -m dalle_jax.tools.train --config=configs/transformer_shapes.py \
@@ -14,9 +14,9 @@ Without code shards, images can be encoded on the fly by the frozen stage-1 run:
 Arguments after ':' (comma-separated):
   size=demo   4 layers, d = 256 (the default)
   size=bench  the benchmark model: d = 512, 8 layers, 64 text + 16x16 image tokens
-  size=12b    the paper's 12B model (64 layers, 62 heads x 64; text 256 / 16384;
-              image 32x32 / 8192) — builds abstractly and shards; it does not fit here
   runlocal    a few steps
+
+The paper's 12B model is configs/transformer_photos.py.
 """
 from dalle_jax.config import parse_arg
 from dalle_jax.data import presets
@@ -37,7 +37,7 @@ def get_config(arg=None):
     config.data.data_dir = config_dict.placeholder(str)  # the code shards directory
 
     config.text = ml_collections.ConfigDict(dict(
-        tokenizer=config_dict.placeholder(str),  # None: <workdir>/tokenizer.model
+        tokenizer_path=config_dict.placeholder(str),  # None: <workdir>/text_tokenizer.model
         vocab_size=512,  # upper bound of the tokenizer's pieces = the text vocabulary
         model_type="bpe",
         text_len=32,
@@ -55,8 +55,13 @@ def get_config(arg=None):
         # one kind for all layers, or a list of kinds per layer.
         attention="dalle",
         conv_kernel=5,  # the paper's 11 is wider than an 8x8 grid
+        # "raster": the kernel's cells are fixed raster offsets, wrapping around row ends
+        # like the row mask (the paper's reading); "wrap_columns": around the grid's
+        # columns (models trained before "raster" existed).
+        conv_mask="raster",
         # nn.scan over the layers (compile time independent of depth); False unrolls
-        # them, which trains small models faster (BENCHMARKS.md) but compiles per layer.
+        # them, which trains small models faster (docs/experiments/stage2.md) but
+        # compiles per layer.
         scan_layers=True,
     ))
 
@@ -86,23 +91,14 @@ def get_config(arg=None):
     if arg.size == "bench":
         config.text.text_len = 64
         # Unrolled layers: 8 compile quickly, and the step is faster than the scan's
-        # (no per-layer stacking of saved activations and gradients; BENCHMARKS.md).
+        # (no per-layer stacking of saved activations and gradients;
+        # docs/experiments/stage2.md).
         config.model.update(image_grid=(16, 16), image_vocab_size=1024, num_layers=8,
                             num_heads=8, head_dim=64, conv_kernel=11, scan_layers=False)
         config.batch_size = 8
-    elif arg.size == "12b":
-        config.text.update(text_len=256, vocab_size=16_384)
-        config.model.update(image_grid=(32, 32), image_vocab_size=8192, num_layers=64,
-                            num_heads=62, head_dim=64, conv_kernel=11)
-        config.data = presets.captioned_shapes(256, arg.runlocal)
-        config.data.source = "codes"
-        config.batch_size = 1024
-        config.total_steps = 430_000
-        config.optimizer.update(learning_rate=4.5e-4, warmup_steps=5_000, decay_steps=())
-        config.train.update(compute_dtype="bfloat16", remat_policy="dots_no_batch")
-        config.mesh.update(data=-1, fsdp=16, tensor=4)
     elif arg.size != "demo":
-        raise ValueError(f"size must be demo, bench or 12b; got {arg.size!r}")
+        raise ValueError(f"size must be demo or bench (the 12B model is "
+                         f"configs/transformer_photos.py); got {arg.size!r}")
 
     if arg.runlocal:
         config.total_steps = 20

@@ -33,7 +33,7 @@ def define_flags() -> None:
     if "config" in flags.FLAGS:
         return
     config_flags.DEFINE_config_file(
-        "config", None, "Config file, e.g. configs/shapes.py or configs/shapes.py:runlocal.",
+        "config", None, "Config file, e.g. configs/input_shapes.py or configs/input_shapes.py:runlocal.",
         lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory of the run (local path or gs://...).")
 
@@ -114,12 +114,34 @@ def check_override_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) 
             raise KeyError(msg)
 
 
+def job_name() -> str | None:
+    """The running job, ``train`` for ``python -m dalle_jax.tools.train``; else None."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", "") or ""
+    prefix = "dalle_jax.tools."
+    return name[len(prefix):] if name.startswith(prefix) else None
+
+
+def check_job_fields(config: ml_collections.ConfigDict, job: str, spec: str) -> None:
+    """Raises ``KeyError`` when ``config`` lacks a top-level field that ``job`` reads."""
+    from dalle_jax import tools  # pylint: disable=g-import-not-at-top
+    missing = [f for f in tools.CONFIG_FIELDS.get(job, ()) if f not in config]
+    if missing:
+        raise KeyError(
+            f"{spec.partition(':')[0]} is not a config for dalle_jax.tools.{job}: it has no "
+            f"{', '.join(repr(f) for f in missing)}; use {tools.CONFIG_KINDS[job]}")
+
+
 def flags_parser(argv: Sequence[str]) -> list[str]:
     """absl ``flags_parser`` that turns bad config overrides into one clear line."""
     try:
         spec = _config_spec(argv)
         if spec is not None:
-            check_override_keys(load_config_file(spec), _override_keys(argv))
+            config = load_config_file(spec)
+            job = job_name()
+            if job is not None:
+                check_job_fields(config, job, spec)
+            check_override_keys(config, _override_keys(argv))
         return flags.FLAGS(list(argv))
     except KeyError as e:
         sys.stderr.write(f"error: {e.args[0]}\n")
@@ -150,3 +172,19 @@ def write_config(config: ml_collections.ConfigDict, workdir: str | epath.PathLik
     """Writes the resolved config to ``<workdir>/config.json`` atomically."""
     text = json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True)
     return files.atomic_write(epath.Path(workdir) / CONFIG_FILE_NAME, text + "\n")
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def read_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote (:func:`write_config`), its lists as tuples again."""
+    path = epath.Path(workdir) / CONFIG_FILE_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a run directory?")
+    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))

@@ -2,7 +2,7 @@
 # Runs a command on every worker of a Cloud TPU VM (a pod slice or a single host).
 #
 #   launch/tpu_run.sh --tpu=NAME --zone=ZONE [--project=P] [--logs-dir=DIR] [--dry-run] \
-#       -- python -m dalle_jax.tools.train --config=configs/photos.py --workdir=gs://...
+#       -- python -m dalle_jax.tools.train --config=configs/image_tokenizer_photos.py --workdir=gs://...
 #
 # 1. Copies this working tree, without .venv, .git and runs, to ~/dalle_jax on every
 #    worker (files deleted here are not deleted there).
@@ -36,7 +36,7 @@ clears stale TPU locks and runs COMMAND on all workers at once.
 
 example:
   launch/tpu_run.sh --tpu=my-v4-32 --zone=us-central2-b -- \
-      python -m dalle_jax.tools.train --config=configs/photos.py --workdir=gs://bucket/run
+      python -m dalle_jax.tools.train --config=configs/image_tokenizer_photos.py --workdir=gs://bucket/run
 EOF
 }
 

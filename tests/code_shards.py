@@ -7,11 +7,9 @@ would, so a transformer can learn them from the caption.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
-import tensorflow as tf
 
 from dalle_jax.data import code_records
 from dalle_jax.data import shapes
@@ -37,14 +35,11 @@ def write_code_shards(directory: str, splits: dict[str, int], *, name: str = "sh
         for s in range(num_shards):
             file = code_records.shard_name(name, split, s, num_shards)
             part = scenes[s::num_shards]
-            with tf.io.TFRecordWriter(os.path.join(directory, file)) as writer:
-                for i, scene in enumerate(part):
-                    writer.write(code_records.encode_record(
-                        patch_codes(scene.image, patch, levels), scene.caption,
-                        f"{split}-{s}-{i}"))
-            entries.append({"file": file, "num_examples": len(part)})
-        metadata = {"name": name, "split": split, "shards": entries, "num_examples": count,
-                    "code_shape": [grid, grid], "vocab_size": levels ** 3}
-        with open(os.path.join(directory, code_records.metadata_name(name, split)), "w") as f:
-            json.dump(metadata, f)
+            written = code_records.write_shard(directory, file, (
+                code_records.encode_record(patch_codes(scene.image, patch, levels),
+                                           scene.caption, f"{split}-{s}-{i}")
+                for i, scene in enumerate(part)))
+            entries.append({"file": file, "num_examples": written})
+        code_records.write_metadata(directory, name, split, shards=entries,
+                                    code_shape=[grid, grid], vocab_size=levels ** 3)
     return {"grid": (grid, grid), "vocab_size": levels ** 3}

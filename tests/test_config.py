@@ -35,15 +35,15 @@ def test_every_config_documents_its_command(path):
 
 
 def test_shapes_variants():
-    default = config_lib.load_config_file(str(ROOT / "configs/shapes.py"))
-    local = config_lib.load_config_file(str(ROOT / "configs/shapes.py:runlocal,res=32"))
+    default = config_lib.load_config_file(str(ROOT / "configs/input_shapes.py"))
+    local = config_lib.load_config_file(str(ROOT / "configs/input_shapes.py:runlocal,res=32"))
     assert default.data.image_size == 64 and default.data.num_train == 50_000
     assert local.data.image_size == 32 and local.data.num_train < default.data.num_train
 
 
-def test_tokenizer_shapes_objectives():
+def test_image_tokenizer_shapes_objectives():
     def load(arg):
-        return config_lib.load_config_file(str(ROOT / f"configs/tokenizer_shapes.py:{arg}"))
+        return config_lib.load_config_file(str(ROOT / f"configs/image_tokenizer_shapes.py:{arg}"))
 
     tuned, paper, vq = load("kind=dvae"), load("objective=paper"), load("kind=vqvae")
     # The default dVAE reconstructs with MSE, so its KL weights shrink with the loss.
@@ -62,7 +62,7 @@ def test_tokenizer_shapes_objectives():
 
 
 def test_check_override_keys_names_the_key():
-    config = config_lib.load_config_file(str(ROOT / "configs/shapes.py"))
+    config = config_lib.load_config_file(str(ROOT / "configs/input_shapes.py"))
     config_lib.check_override_keys(config, ["data.image_size", "text.text_len", "seed"])
     with pytest.raises(KeyError, match=r"'data.imagesize'.*did you mean 'image_size'"):
         config_lib.check_override_keys(config, ["data.imagesize"])
@@ -73,7 +73,7 @@ def test_check_override_keys_names_the_key():
 
 
 def test_write_config_is_json(tmp_path):
-    config = config_lib.load_config_file(str(ROOT / "configs/shapes.py:runlocal"))
+    config = config_lib.load_config_file(str(ROOT / "configs/input_shapes.py:runlocal"))
     path = config_lib.write_config(config, tmp_path / "run")
     written = json.loads(path.read_text())
     assert written["data"]["num_train"] == config.data.num_train
@@ -83,18 +83,18 @@ def test_write_config_is_json(tmp_path):
 
 def _cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "dalle_jax.tools.train_tokenizer", *args],
+        [sys.executable, "-m", "dalle_jax.tools.train_text_tokenizer", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_rejects_unknown_key_and_wrong_type(tmp_path):
-    unknown = _cli("--config=configs/shapes.py", "--config.data.num_trian=10",
+    unknown = _cli("--config=configs/input_shapes.py", "--config.data.num_trian=10",
                    f"--workdir={tmp_path}")
     assert unknown.returncode == 2
     assert "unknown config key 'data.num_trian'" in unknown.stderr
     assert "did you mean 'num_train'" in unknown.stderr
     assert "Traceback" not in unknown.stderr
-    wrong_type = _cli("--config=configs/shapes.py", "--config.data.image_size=big",
+    wrong_type = _cli("--config=configs/input_shapes.py", "--config.data.image_size=big",
                       f"--workdir={tmp_path}")
     assert wrong_type.returncode == 2
     assert "--config.data.image_size=big" in wrong_type.stderr

@@ -15,8 +15,9 @@ import pytest
 import tensorflow as tf
 
 from dalle_jax.data import convert as convert_lib
+from dalle_jax.data import image_records
 from dalle_jax.data import preprocess
-from dalle_jax.data import records
+from dalle_jax.data import shard_files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RED = (220, 30, 30)
@@ -125,10 +126,10 @@ def converted(corpus, tmp_path_factory):
 
 def _read_split(output_dir, name="images", split="train"):
     """id → parsed record (numpy values), in file order."""
-    dataset = tf.data.TFRecordDataset(records.shard_paths(str(output_dir), name, split))
+    dataset = tf.data.TFRecordDataset(image_records.shard_paths(str(output_dir), name, split))
     examples = {}
     for serialized in dataset:
-        example = {k: v.numpy() for k, v in records.parse_record(serialized).items()}
+        example = {k: v.numpy() for k, v in image_records.parse_record(serialized).items()}
         examples[example["id"].decode()] = example
     return examples
 
@@ -190,13 +191,13 @@ def test_other_images_become_upright_rgb_png(converted):
 
 def test_metadata_and_shards(converted):
     output_dir, report = converted
-    metadata = records.read_metadata(str(output_dir), "images", "train")
+    metadata = image_records.read_metadata(str(output_dir), "images", "train")
     assert metadata["num_examples"] == len(GOOD)
     assert metadata["report"] == report
     assert metadata["conversion"]["num_shards"] == 3
     assert [s["file"] for s in metadata["shards"]] == [
         f"images-train.tfrecord-0000{i}-of-00003" for i in range(3)]
-    paths = records.shard_paths(str(output_dir), "images", "train")
+    paths = image_records.shard_paths(str(output_dir), "images", "train")
     assert paths == [str(output_dir / s["file"]) for s in metadata["shards"]]
     for path, shard in zip(paths, metadata["shards"]):
         assert sum(1 for _ in tf.data.TFRecordDataset(path)) == shard["num_examples"]
@@ -206,7 +207,7 @@ def test_metadata_and_shards(converted):
 
 def test_same_seed_same_bytes_whatever_the_workers(corpus, tmp_path):
     def shard_bytes(directory):
-        paths = records.shard_paths(str(directory), "images", "train")
+        paths = image_records.shard_paths(str(directory), "images", "train")
         return [open(path, "rb").read() for path in paths]
 
     _convert(tmp_path / "a", input_dir=str(corpus), num_shards=4, seed=7, num_workers=1)
@@ -219,20 +220,37 @@ def test_same_seed_same_bytes_whatever_the_workers(corpus, tmp_path):
 def test_failed_conversion_leaves_earlier_output_intact(corpus, tmp_path, monkeypatch):
     _convert(tmp_path, input_dir=str(corpus), num_shards=3)
     before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
-    write_shard = convert_lib._write_shard
+    write_records = shard_files.write_records
     shards_written = []
 
     def fail_on_second_shard(path, serialized_records):
         if shards_written:
             raise OSError("disk full")
         shards_written.append(path)
-        return write_shard(path, serialized_records)
+        return write_records(path, serialized_records)
 
-    monkeypatch.setattr(convert_lib, "_write_shard", fail_on_second_shard)
+    monkeypatch.setattr(shard_files, "write_records", fail_on_second_shard)
     with pytest.raises(OSError, match="disk full"):
         _convert(tmp_path, input_dir=str(corpus), num_shards=3, seed=1)
     after = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
     assert after == before  # same files, same bytes, no temporary leftovers
+
+
+def test_metadata_of_another_format_or_a_newer_version_is_refused(converted, tmp_path):
+    output_dir, _ = converted
+    metadata = json.loads((output_dir / "images-train.json").read_text())
+    newer = {**metadata, "format_version": image_records.FORMAT_VERSION + 1}
+    (tmp_path / "images-train.json").write_text(json.dumps(newer))
+    with pytest.raises(ValueError, match="format version 2; this version of dalle_jax "
+                                         "reads up to 1"):
+        image_records.read_metadata(str(tmp_path), "images", "train")
+    (tmp_path / "images-train.json").write_text(json.dumps({**metadata,
+                                                            "format": "dalle_jax.codes"}))
+    with pytest.raises(ValueError, match="is dalle_jax.codes metadata, not "
+                                         "dalle_jax.image_caption"):
+        image_records.read_metadata(str(tmp_path), "images", "train")
+    with pytest.raises(FileNotFoundError, match="convert the images first"):
+        image_records.read_metadata(str(tmp_path), "other", "train")
 
 
 def test_reconversion_with_fewer_shards_removes_old_ones(corpus, tmp_path):
@@ -318,16 +336,18 @@ def _run_cli(*overrides):
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli(corpus, tmp_path):
     result = _run_cli(f"--config.input_dir={corpus}", f"--config.output_dir={tmp_path}",
                       "--config.num_shards=2", "--config.name=cli")
     assert result.returncode == 0, result.stderr
     assert "| written" in result.stdout and "| skipped: too_small" in result.stdout
-    metadata = records.read_metadata(str(tmp_path), "cli", "train")
+    metadata = image_records.read_metadata(str(tmp_path), "cli", "train")
     assert len(metadata["shards"]) == 2
     assert metadata["num_examples"] == len(GOOD)
 
 
+@pytest.mark.slow
 def test_cli_names_the_missing_key(tmp_path):
     result = _run_cli(f"--config.output_dir={tmp_path}")
     assert result.returncode != 0

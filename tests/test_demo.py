@@ -6,14 +6,16 @@ import sys
 
 import numpy as np
 from PIL import Image
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_demo_writes_grid_config_and_tokenizer(tmp_path):
+@pytest.mark.slow
+def test_demo_writes_grid_config_and_text_tokenizer(tmp_path):
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "dalle_jax.tools.demo",
-           "--config=configs/shapes.py:runlocal,res=32",
+           "--config=configs/input_shapes.py:runlocal,res=32",
            f"--config.data.data_dir={tmp_path / 'tfds'}",
            "--config.data.num_train=300", "--config.data.num_validation=20",
            "--config.data.num_test=20", "--config.data.num_holdout=20",
@@ -23,7 +25,7 @@ def test_demo_writes_grid_config_and_tokenizer(tmp_path):
     assert "examples/s" in result.stdout
     config = json.loads((workdir / "config.json").read_text())
     assert config["data"]["num_train"] == 300 and config["data"]["image_size"] == 32
-    assert (workdir / "tokenizer.model").exists()
+    assert (workdir / "text_tokenizer.model").exists()
     grid = np.asarray(Image.open(workdir / "examples.png"))
     assert grid.ndim == 3 and grid.shape[0] > 300 and grid.shape[1] > 600
     # The grid shows images (dark backgrounds) and captions (black text on white).

@@ -1,12 +1,14 @@
 """Stage 1 pieces: schedules, the logit-Laplace loss, the EMA vector quantiser, the task."""
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dalle_jax.config import load_config_file
+from dalle_jax.models import dvae
 from dalle_jax.models import vq as vq_lib
 from dalle_jax.stages import image_tokenizer as stage1
 from dalle_jax.train import sharding as sharding_lib
@@ -80,14 +82,29 @@ def test_dead_codes_restart_from_encoder_outputs():
     restarted = new["vq"]["codebook"][3]
     assert any(np.allclose(restarted, row) for row in np.asarray(z)), "taken from the batch"
     assert float(new["vq"]["cluster_size"][3]) == 0.75
-    # Without train the codebook is read-only.
-    out = module.apply(variables, z, train=False)
+    # Without train the codebook is read-only: even with the collection mutable,
+    # nothing in it changes, and the codes are the nearest entries of the old codebook.
+    out, unchanged = module.apply(variables, z, train=False, mutable=["vq"],
+                                  rngs={"vq": jax.random.key(3)})
     assert out[1].tolist() == [0, 1, 1, 2]
+    jax.tree.map(np.testing.assert_array_equal, unchanged["vq"], variables["vq"])
+    # And the task's loss in evaluation returns the model state it was given.
+    config = _tiny_config("vqvae")
+    task = stage1.ImageTokenizerTask(config, None, None)
+    state = task.init(jax.random.key(0))
+    params, model_state = state["params"], {"vq": state["vq"]}
+    batch = {"image": np.full((2, 16, 16, 3), 7, np.uint8), "mask": np.ones((2,), bool)}
+    _, _, after = task.loss(params, model_state, batch, jax.random.key(1), train=False, step=0)
+    jax.tree.map(np.testing.assert_array_equal, after, model_state)
+    _, _, trained = task.loss(params, model_state, batch, jax.random.key(1), train=True,
+                              step=0)
+    codebook = lambda tree: np.asarray(nn.unbox(tree)["vq"]["quantizer"]["codebook"])
+    assert not np.array_equal(codebook(trained), codebook(model_state))
 
 
 def _tiny_config(kind, objective="mse"):
     config = load_config_file(
-        f"configs/tokenizer_shapes.py:kind={kind},objective={objective},runlocal")
+        f"configs/image_tokenizer_shapes.py:kind={kind},objective={objective},runlocal")
     config.model.update(n_hid=8, n_init=8, vocab_size=32, code_dim=8, group_count=3)
     config.data.image_size = 16
     config.batch_size = 8
@@ -119,9 +136,16 @@ def test_task_trains_on_a_mesh_and_reports_its_metrics(kind, objective):
                 "temperature"} | ({"kl", "beta", "marginal_perplexity"} if kind == "dvae"
                                   else {"commitment"})
     assert expected <= set(metrics)
-    assert 0 < float(metrics["codes_used"]) <= 1
+    # Code usage and PSNR as the metrics define them, from the model's own output.
+    variables = {"params": state.params, **state.model_state}
+    x_mapped = dvae.map_pixels(images.astype(np.float32) / 255.0)
+    stats, codes, _ = task.model.apply(variables, x_mapped, train=False)
     loss, eval_metrics = training.eval_step(state.params, state.model_state, batch, state.step)
-    assert np.isfinite(float(loss)) and float(eval_metrics["psnr"]) > 0
+    assert float(eval_metrics["codes_used"]) == pytest.approx(
+        len(np.unique(np.asarray(codes))) / 32)
+    mse = ((np.asarray(dvae.reconstruction(stats)) - images / 255.0) ** 2).reshape(8, -1).mean(-1)
+    assert float(eval_metrics["psnr"]) == pytest.approx(np.mean(-10 * np.log10(mse)), rel=1e-4)
+    assert np.isfinite(float(loss))
     summary = task.summaries(state.params, state.model_state, batch)["reconstructions"]
     assert summary.shape == (16, 16, 16, 3) and summary.dtype == np.uint8
 
@@ -135,6 +159,63 @@ def test_kl_to_the_uniform_prior_vanishes_for_uniform_logits():
     _, metrics, _ = jax.jit(lambda p: task.loss(p, {}, batch, jax.random.key(0), train=True,
                                                 step=0))(params)
     assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_kl_is_normalised_per_pixel_at_a_nontrivial_beta():
+    config = _tiny_config("dvae")
+    config.stage1.update(kl_weight=6.6, kl_warmup_steps=10, marginal_kl_weight=0.0)
+    task = stage1.ImageTokenizerTask(config, None, None)
+    variables = task.init(jax.random.key(0))
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    batch = {"image": images, "mask": np.ones((3,), bool)}
+    loss, metrics, _ = task.loss(variables["params"], {}, batch, jax.random.key(3),
+                                 train=True, step=5)
+    assert float(metrics["beta"]) == pytest.approx(3.3)  # half-way up the cosine
+    # The KL to the uniform prior from the encoder's own logits, summed over positions.
+    x_mapped = dvae.map_pixels(images.astype(np.float32) / 255.0)
+    logits = task.model.apply(variables, x_mapped, method=lambda m, x: m.encoder(x))
+    q = np.asarray(jax.nn.softmax(logits, -1), np.float64)
+    kl = np.sum(q * (np.log(q) + math.log(32)), axis=(1, 2, 3))
+    assert float(metrics["kl"]) == pytest.approx(kl.mean(), rel=1e-4)
+    assert kl.mean() > 0.01  # random logits: a KL far from zero
+    pixels = 16 * 16 * 3
+    assert float(loss) == pytest.approx(
+        float(metrics["recon_loss"]) + 3.3 * kl.mean() / pixels, rel=1e-5)
+
+
+def test_gumbel_relaxation_divides_the_noisy_logits_by_the_temperature():
+    model = dvae.DiscreteVAE(vocab_size=16, n_hid=8, n_blk_per_group=1, group_count=2,
+                             n_init=8)
+    x = dvae.map_pixels(jnp.asarray(
+        np.random.default_rng(0).random((2, 8, 8, 3)), jnp.float32))
+    variables = model.init({"params": jax.random.key(0), "gumbel": jax.random.key(1)}, x,
+                           train=False)
+
+    def relaxed_codes(temperature):
+        seen = {}
+
+        def capture(next_fun, args, kwargs, context):
+            if context.module.name == "decoder" and context.method_name == "__call__":
+                seen["z"] = args[0]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(capture):
+            _, codes, aux = model.apply(variables, x, train=True, temperature=temperature,
+                                        rngs={"gumbel": jax.random.key(7)})
+        return np.asarray(seen["z"], np.float64), np.asarray(aux["logits"], np.float64)
+
+    z_hot, logits = relaxed_codes(0.25)
+    z_cool, _ = relaxed_codes(2.0)
+    np.testing.assert_allclose(z_hot.sum(-1), 1.0, rtol=1e-5)
+    # z = softmax((l + g) / τ), so τ·log z − l = g − τ·logsumexp: across the codes of a
+    # position it differs between temperatures only by a constant, and the Gumbel
+    # noise g recovered from it is the same draw at both temperatures.
+    noise_hot = 0.25 * np.log(z_hot) - logits
+    noise_cool = 2.0 * np.log(z_cool) - logits
+    offset = noise_hot - noise_cool
+    np.testing.assert_allclose(offset - offset[..., :1], 0.0, atol=2e-3)
+    # A lower temperature is sharper: more mass on each position's top code.
+    assert z_hot.max(-1).mean() > z_cool.max(-1).mean()
 
 
 def test_marginal_kl_tells_collapse_from_certain_codes_spread_over_the_codebook():

@@ -53,7 +53,7 @@ def test_usage_errors(args, message):
 
 def test_dry_run_prints_copy_setup_and_run():
     copy, setup, run = _dry_run_commands("python", "-m", "dalle_jax.tools.train",
-                                         "--config=configs/photos.py")
+                                         "--config=configs/image_tokenizer_photos.py")
     for argv in (copy, setup, run):
         assert argv[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]
         assert _flag(argv, "worker") == "all"
@@ -70,7 +70,7 @@ def test_dry_run_prints_copy_setup_and_run():
     assert "lsof -t /dev/accel*" in setup_command and "kill -9" in setup_command
 
     assert run[4:6] == ["ssh", "my-tpu"]
-    assert "python -m dalle_jax.tools.train --config=configs/photos.py" in _flag(run, "command")
+    assert "python -m dalle_jax.tools.train --config=configs/image_tokenizer_photos.py" in _flag(run, "command")
 
 
 def test_project_is_optional():

@@ -9,9 +9,11 @@ import os
 import pickle
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
+from dalle_jax.inference.image_tokenizer import ImageTokenizerRun
 from dalle_jax.models import dvae
 from dalle_jax.models import openai_dvae
 
@@ -59,6 +61,12 @@ def released(torch, tmp_path_factory):
                 decoder_pkl=decoder_pkl, converted=converted, params=params, root=root)
 
 
+def _as_image_tokenizer(released) -> ImageTokenizerRun:
+    """The conversion loaded the way every stage-1 run is, for 64 px images."""
+    config = ml_collections.ConfigDict(dict(data=dict(image_size=MODEL["image_size"])))
+    return ImageTokenizerRun.load(str(released["converted"]), config)
+
+
 def _nchw(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))
 
@@ -78,7 +86,7 @@ def test_encoder_logits_and_codes_match_dall_e(torch, released):
     print(f"encoder logits: max abs diff {diff:.2e} (scale {np.abs(theirs).max():.2f})")
     assert diff < TOLERANCE
 
-    codes = np.asarray(dvae.encode_codes(params["encoder"], images, encoder_module))
+    codes = _as_image_tokenizer(released).encode(images)
     top2 = np.sort(theirs, axis=-1)[..., -2:]
     clear = (top2[..., 1] - top2[..., 0]) > MIN_CODE_GAP
     assert clear.mean() > 0.9
@@ -101,8 +109,7 @@ def test_decoder_outputs_match_dall_e(torch, released):
         assert ours.shape == (2, 64, 64, 6) and diff < TOLERANCE
 
     # Reconstructions: unmap(sigmoid(μ)) as uint8, within one level of dall_e's.
-    images = np.asarray(dvae.decode_codes(params["decoder"], codes, decoder_module,
-                                          MODEL["vocab_size"]))
+    images = _as_image_tokenizer(released).decode(codes)
     with torch.no_grad():
         mu = released["decoder"](torch.from_numpy(_nchw(one_hot)))[:, :3]
         expected = _nhwc(torch.clamp((torch.sigmoid(mu) - 0.1) / 0.8, 0, 1) * 255)
@@ -127,17 +134,17 @@ def test_conversion_round_trip_and_verify(released):
 
 
 def test_a_conversion_loads_as_an_image_tokenizer(released):
-    from dalle_jax.stages.tokenizer_io import ImageTokenizerRun
-    import ml_collections
-    config = ml_collections.ConfigDict(dict(data=dict(image_size=64)))
-    tokenizer = ImageTokenizerRun.load(str(released["converted"]), config)
-    assert (tokenizer.vocab_size, tokenizer.grid_size) == (512, 8)
+    tokenizer = _as_image_tokenizer(released)
+    assert (tokenizer.vocab_size, tokenizer.grid_size, tokenizer.image_size) == (512, 8, 64)
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     encoder, decoder, params = openai_dvae.load_converted(released["converted"])
     codes = tokenizer.encode(images)
-    np.testing.assert_array_equal(codes, dvae.encode_codes(params["encoder"], images, encoder))
-    np.testing.assert_array_equal(tokenizer.decode(codes),
-                                  dvae.decode_codes(params["decoder"], codes, decoder, 512))
+    logits = encoder.apply({"params": params["encoder"]},
+                           dvae.map_pixels(images.astype(np.float32) / 255))
+    np.testing.assert_array_equal(codes, np.asarray(logits).argmax(-1))
+    stats = decoder.apply({"params": params["decoder"]}, jax.nn.one_hot(codes, 512))
+    expected = np.round(np.asarray(dvae.reconstruction(stats)) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(tokenizer.decode(codes), expected)
 
 
 class _RunsCode:

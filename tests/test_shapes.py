@@ -195,6 +195,7 @@ def test_config_names_encode_parameters():
     assert len(variants) == 5
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_files_in_another_process(tiny_build_dir, tmp_path):
     other_dir = tmp_path / "tiny_seed0_again"
     script = (

@@ -11,7 +11,8 @@ import pytest
 
 from configs import transformer_shapes
 from dalle_jax.data import pipeline as pipeline_lib
-from dalle_jax.data import tokenizer as tokenizer_lib
+from dalle_jax.data import sources
+from dalle_jax.data import text_tokenizer
 from dalle_jax.sampling import sampler as sampler_lib
 from dalle_jax.stages import transformer as stage2
 from dalle_jax.train import trainer
@@ -47,7 +48,7 @@ def _config(directory, info, **overrides):
 def test_caption_dropout_is_seeded_and_at_the_configured_rate(shards):
     directory, info = shards
     config = _config(directory, info)
-    source = pipeline_lib.make_source(config.data, "train")
+    source = sources.make_source(config.data, "train")
 
     def captions(dropout, seed=0):
         pipeline = pipeline_lib.InputPipeline(
@@ -110,10 +111,10 @@ def test_sampling_the_trained_model(trained):
     cfg = stage2.model_config(config)
     params = jax.device_get(nn.unbox(state.params))
     sampler = sampler_lib.Sampler(cfg, params)
-    tokenizer = tokenizer_lib.load_tokenizer(config.text, workdir)
+    tokenizer = text_tokenizer.load_text_tokenizer(config.text, workdir)
     prompts = ["a red circle in the center", ""]
     text = sampler.tokenize(prompts, tokenizer)
-    assert (text[1] == tokenizer_lib.PAD_ID).all()  # empty prompt: unconditional
+    assert (text[1] == text_tokenizer.PAD_ID).all()  # empty prompt: unconditional
     settings = sampler_lib.SamplingSettings(top_k=8, guidance_scale=2.0)
     codes = sampler.sample(text, seed=3, num_samples=3, settings=settings)
     assert codes.shape == (6,) + tuple(config.model.image_grid)

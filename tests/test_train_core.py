@@ -10,7 +10,6 @@ import numpy as np
 import optax
 import pytest
 
-from dalle_jax.data import pipeline as pipeline_lib
 from dalle_jax.train import optimizer as optimizer_lib
 from dalle_jax.train import sharding as sharding_lib
 from dalle_jax.train import step as step_lib
@@ -42,7 +41,7 @@ def _run_steps(config, num_steps=3):
     data = task.train_data()
     losses = []
     for _ in range(num_steps):
-        batch = pipeline_lib.make_global_batch(next(data), mesh)
+        batch = sharding_lib.make_global_batch(next(data), mesh)
         state, metrics = training.train_step(state, batch, rng)
         losses.append(float(metrics["loss"]))
     return state, losses, mesh

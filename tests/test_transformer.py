@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -11,39 +12,160 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dalle_jax import config as config_lib
+from dalle_jax.models import remat
 from dalle_jax.models import transformer as tr
 from dalle_jax.stages import transformer as stage2
 from dalle_jax.train import defaults
+from dalle_jax.train import optimizer as optimizer_lib
 from dalle_jax.train import sharding as sharding_lib
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT_LEN, H, W = 6, 4, 4
 SMALL = tr.TransformerConfig(text_vocab_size=50, text_len=TEXT_LEN, image_vocab_size=40,
                              image_height=H, image_width=W, num_layers=4, num_heads=2,
                              head_dim=8, attention="dalle", conv_kernel=3)
 
 
-def _visible(kind, a, k=3):
-    return set(np.flatnonzero(tr.image_mask(kind, H, W, k)[a]).tolist())
+def _pictures(block: str) -> list[np.ndarray]:
+    """Side-by-side masks drawn one query per line ('x' visible key, '.' masked), keys
+    in raster order; what follows '#' is a comment."""
+    lines = [line.split("#")[0].split() for line in block.strip().splitlines()]
+    return [np.array([[c == "x" for c in line[i]] for line in lines])
+            for i in range(len(lines[0]))]
 
 
-def test_image_masks_on_a_4x4_grid():
-    # Row: the previous w + 1 = 5 positions including itself; the farthest is the same
-    # column of the previous row, and the window wraps around the row's start.
-    assert _visible("row", 10) == {6, 7, 8, 9, 10}
-    assert _visible("row", 8) == {4, 5, 6, 7, 8}
-    assert _visible("row", 2) == {0, 1, 2}
-    # Column: earlier positions of its own column.
-    assert _visible("column", 10) == {2, 6, 10}
-    assert _visible("column", 3) == {3}
-    # Causal 3x3 convolution: the row above (three columns) and the left neighbour.
-    assert _visible("conv", 10) == {5, 6, 7, 9, 10}
-    # ... wrapping around the grid's left edge to the last column of the row above.
-    assert _visible("conv", 8) == {4, 5, 7, 8}
-    assert _visible("dense", 5) == set(range(6))
-    for kind in tr.ATTENTION_KINDS:  # every pattern is causal and sees itself
-        mask = tr.image_mask(kind, H, W, 3)
-        assert not np.triu(mask, 1).any()
-        assert mask.diagonal().all()
+# The paper's figure 11 draws its masks on a 4x4 grid with a 3x3 kernel.
+DENSE_4x4, ROW_4x4, COLUMN_4x4 = _pictures("""
+    x...............  x...............  x...............  #  0
+    xx..............  xx..............  .x..............  #  1
+    xxx.............  xxx.............  ..x.............  #  2
+    xxxx............  xxxx............  ...x............  #  3
+    xxxxx...........  xxxxx...........  x...x...........  #  4
+    xxxxxx..........  .xxxxx..........  .x...x..........  #  5
+    xxxxxxx.........  ..xxxxx.........  ..x...x.........  #  6
+    xxxxxxxx........  ...xxxxx........  ...x...x........  #  7
+    xxxxxxxxx.......  ....xxxxx.......  x...x...x.......  #  8
+    xxxxxxxxxx......  .....xxxxx......  .x...x...x......  #  9
+    xxxxxxxxxxx.....  ......xxxxx.....  ..x...x...x.....  # 10
+    xxxxxxxxxxxx....  .......xxxxx....  ...x...x...x....  # 11
+    xxxxxxxxxxxxx...  ........xxxxx...  x...x...x...x...  # 12
+    xxxxxxxxxxxxxx..  .........xxxxx..  .x...x...x...x..  # 13
+    xxxxxxxxxxxxxxx.  ..........xxxxx.  ..x...x...x...x.  # 14
+    xxxxxxxxxxxxxxxx  ...........xxxxx  ...x...x...x...x  # 15
+""")
+# Convolutional, raster (offsets 0, 1 and w − 1 … w + 1 for k = 3) and wrap_columns,
+# for k = 3 and for k = 5, wider than the grid.
+CONV3_4x4, CONV3_WRAP_4x4, CONV5_4x4, CONV5_WRAP_4x4 = _pictures("""
+    x...............  x...............  x...............  x...............  #  0
+    xx..............  xx..............  xx..............  xx..............  #  1
+    .xx.............  .xx.............  xxx.............  xxx.............  #  2
+    x.xx............  x.xx............  xxxx............  xxxx............  #  3
+    xx.xx...........  xx.xx...........  xxxxx...........  xxxxx...........  #  4
+    xxx.xx..........  xxx.xx..........  xxxxxx..........  xxxxxx..........  #  5
+    .xxx.xx.........  .xxx.xx.........  xxxxxxx.........  xxxxxxx.........  #  6
+    ..xxx.xx........  x.xxx.xx........  xxxxxxxx........  xxxxxxxx........  #  7
+    ...xxx.xx.......  ....xx.xx.......  xxxxxxxxx.......  xxxxxxxxx.......  #  8
+    ....xxx.xx......  ....xxx.xx......  xxxxxxxxxx......  xxxxxxxxxx......  #  9
+    .....xxx.xx.....  .....xxx.xx.....  xxxxxxxxxxx.....  xxxxxxxxxxx.....  # 10
+    ......xxx.xx....  ....x.xxx.xx....  .xxxxxxxxxxx....  xxxxxxxxxxxx....  # 11
+    .......xxx.xx...  ........xx.xx...  ..xxxxxxxxxxx...  ....xxxxxxxxx...  # 12
+    ........xxx.xx..  ........xxx.xx..  ...xxxxxxxxxxx..  ....xxxxxxxxxx..  # 13
+    .........xxx.xx.  .........xxx.xx.  ....xxxxxxxxxxx.  ....xxxxxxxxxxx.  # 14
+    ..........xxx.xx  ........x.xxx.xx  .....xxxxxxxxxxx  ....xxxxxxxxxxxx  # 15
+""")
+# A grid of 3 rows of 5.
+DENSE_3x5, ROW_3x5, COLUMN_3x5, CONV3_3x5, CONV3_WRAP_3x5 = _pictures("""
+    x..............  x..............  x..............  x..............  x..............  #  0
+    xx.............  xx.............  .x.............  xx.............  xx.............  #  1
+    xxx............  xxx............  ..x............  .xx............  .xx............  #  2
+    xxxx...........  xxxx...........  ...x...........  ..xx...........  ..xx...........  #  3
+    xxxxx..........  xxxxx..........  ....x..........  x..xx..........  x..xx..........  #  4
+    xxxxxx.........  xxxxxx.........  x....x.........  xx..xx.........  xx..xx.........  #  5
+    xxxxxxx........  .xxxxxx........  .x....x........  xxx..xx........  xxx..xx........  #  6
+    xxxxxxxx.......  ..xxxxxx.......  ..x....x.......  .xxx..xx.......  .xxx..xx.......  #  7
+    xxxxxxxxx......  ...xxxxxx......  ...x....x......  ..xxx..xx......  ..xxx..xx......  #  8
+    xxxxxxxxxx.....  ....xxxxxx.....  ....x....x.....  ...xxx..xx.....  x..xxx..xx.....  #  9
+    xxxxxxxxxxx....  .....xxxxxx....  x....x....x....  ....xxx..xx....  .....xx..xx....  # 10
+    xxxxxxxxxxxx...  ......xxxxxx...  .x....x....x...  .....xxx..xx...  .....xxx..xx...  # 11
+    xxxxxxxxxxxxx..  .......xxxxxx..  ..x....x....x..  ......xxx..xx..  ......xxx..xx..  # 12
+    xxxxxxxxxxxxxx.  ........xxxxxx.  ...x....x....x.  .......xxx..xx.  .......xxx..xx.  # 13
+    xxxxxxxxxxxxxxx  .........xxxxxx  ....x....x....x  ........xxx..xx  .....x..xxx..xx  # 14
+""")
+# 5 rows of 3 and k = 5, wider than a row: raster keeps offsets 0 … 8; wrap_columns the
+# whole rows up to two above.
+CONV5_5x3, CONV5_WRAP_5x3 = _pictures("""
+    x..............  x..............  #  0
+    xx.............  xx.............  #  1
+    xxx............  xxx............  #  2
+    xxxx...........  xxxx...........  #  3
+    xxxxx..........  xxxxx..........  #  4
+    xxxxxx.........  xxxxxx.........  #  5
+    xxxxxxx........  xxxxxxx........  #  6
+    xxxxxxxx.......  xxxxxxxx.......  #  7
+    xxxxxxxxx......  xxxxxxxxx......  #  8
+    .xxxxxxxxx.....  ...xxxxxxx.....  #  9
+    ..xxxxxxxxx....  ...xxxxxxxx....  # 10
+    ...xxxxxxxxx...  ...xxxxxxxxx...  # 11
+    ....xxxxxxxxx..  ......xxxxxxx..  # 12
+    .....xxxxxxxxx.  ......xxxxxxxx.  # 13
+    ......xxxxxxxxx  ......xxxxxxxxx  # 14
+""")
+
+
+@pytest.mark.parametrize("grid, kind, kernel, conv_mask, expected", [
+    ((4, 4), "dense", 3, "raster", DENSE_4x4),
+    ((4, 4), "row", 3, "raster", ROW_4x4),
+    ((4, 4), "column", 3, "raster", COLUMN_4x4),
+    ((4, 4), "conv", 3, "raster", CONV3_4x4),
+    ((4, 4), "conv", 3, "wrap_columns", CONV3_WRAP_4x4),
+    ((4, 4), "conv", 5, "raster", CONV5_4x4),
+    ((4, 4), "conv", 5, "wrap_columns", CONV5_WRAP_4x4),
+    ((3, 5), "dense", 3, "raster", DENSE_3x5),
+    ((3, 5), "row", 3, "raster", ROW_3x5),
+    ((3, 5), "column", 3, "raster", COLUMN_3x5),
+    ((3, 5), "conv", 3, "raster", CONV3_3x5),
+    ((3, 5), "conv", 3, "wrap_columns", CONV3_WRAP_3x5),
+    # k = 7 is wider and taller than the grid: every earlier position is a neighbour.
+    ((3, 5), "conv", 7, "raster", DENSE_3x5),
+    ((3, 5), "conv", 7, "wrap_columns", DENSE_3x5),
+    ((5, 3), "conv", 5, "raster", CONV5_5x3),
+    ((5, 3), "conv", 5, "wrap_columns", CONV5_WRAP_5x3),
+])
+def test_image_masks_match_the_drawn_patterns(grid, kind, kernel, conv_mask, expected):
+    got = tr.image_mask(kind, *grid, kernel, conv_mask)
+    assert got.shape == expected.shape
+    wrong = [a for a in range(len(got)) if not np.array_equal(got[a], expected[a])]
+    assert not wrong, f"queries {wrong}: got {np.flatnonzero(got[wrong[0]])}"
+
+
+def _conv_keys_by_loop(h, w, k):
+    """The raster convolutional mask from its definition: each kernel cell (dr rows up,
+    dc columns across) is the raster offset dr·w − dc from the query."""
+    mask = np.zeros((h * w, h * w), bool)
+    for a in range(h * w):
+        for dr in range(k // 2 + 1):
+            for dc in range(-(k // 2), k // 2 + 1):
+                b = a - dr * w + dc
+                if 0 <= b <= a:
+                    mask[a, b] = True
+    return mask
+
+
+def test_raster_conv_mask_sees_the_same_61_keys_everywhere_at_32x32():
+    raster = tr.image_mask("conv", 32, 32, 11)
+    np.testing.assert_array_equal(raster, _conv_keys_by_loop(32, 32, 11))
+    counts = raster.sum(1)
+    # 5 rows of 11 above and the 6 ending at the query, once the offsets fit the grid.
+    assert (counts[5 * 32 + 5:] == 61).all()
+    assert counts.max() == 61
+    # The column-wrapping reading sees 56 keys in the first column, 66 in the last.
+    wrapped = tr.image_mask("conv", 32, 32, 11, "wrap_columns").sum(1)[5 * 32:]
+    assert (wrapped.min(), wrapped.max()) == (56, 66)
+    with pytest.raises(ValueError, match="conv_mask must be one of"):
+        tr.image_mask("conv", 4, 4, 3, "torus")
+    with pytest.raises(ValueError, match="conv_mask must be one of"):
+        tr.TransformerConfig(conv_mask="torus")
 
 
 def test_stream_mask_text_and_image_blocks():
@@ -116,6 +238,25 @@ def test_per_position_pad_embedding(small):
             np.testing.assert_array_equal(out, text_base)
 
 
+def test_image_position_embedding_is_row_plus_column_on_a_non_square_grid():
+    # 3 rows of 5: with one-hot row and column vectors, the input at image position a
+    # shows which row and which column embedding it received.
+    cfg = dataclasses.replace(SMALL, image_height=3, image_width=5)
+    model = tr.Transformer(cfg)
+    text = jnp.ones((1, TEXT_LEN), jnp.int32)
+    image = jnp.zeros((1, 15), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(0), text, image)["params"])
+    eye = np.eye(cfg.d_model, dtype=np.float32)
+    params = dict(params, image_row_embedding=eye[:3], image_column_embedding=eye[3:8],
+                  image_embedding=np.zeros_like(params["image_embedding"]),
+                  start_of_image_embedding=np.zeros_like(params["start_of_image_embedding"]))
+    embed = lambda module, t, i: module._embed_stream(t, i)  # pylint: disable=protected-access
+    x = np.asarray(model.apply({"params": params}, text, image, method=embed))[0, TEXT_LEN:]
+    cells = [(row, col) for row in range(3) for col in range(5)]  # raster order
+    for a, (row, col) in enumerate(cells):
+        np.testing.assert_array_equal(x[a], eye[row] + eye[3 + col], err_msg=f"position {a}")
+
+
 def test_image_positions_do_not_see_the_future(small):
     model, params, text, image = small
     base = model.apply({"params": params}, text, image)[1]
@@ -149,26 +290,35 @@ def test_loss_weighting_on_a_hand_computed_example():
     assert float(two["text_tokens"]) == 1.0
 
 
-@pytest.mark.parametrize("attention", ["dense", "dalle", ("conv", "column", "row", "dense")])
-def test_cached_decoding_matches_the_full_pass_at_every_step(attention):
-    # conv_kernel 5 on the 4x4 grid: a 3-row conv window, clipped at the top of the grid.
-    cfg = tr.TransformerConfig(**{**SMALL.__dict__, "attention": attention,
-                                  "conv_kernel": 3 if attention == "dalle" else 5})
+@pytest.mark.parametrize("attention, kernel, conv_mask, grid", [
+    ("dense", 3, "raster", (4, 4)),
+    ("dalle", 3, "raster", (4, 4)),
+    ("dalle", 3, "wrap_columns", (4, 4)),
+    # k = 5 on a 4x4 grid: windows clipped at the top of the grid.
+    (("conv", "column", "row", "dense"), 5, "raster", (4, 4)),
+    (("conv", "column", "row", "dense"), 5, "wrap_columns", (4, 4)),
+    (("conv", "column", "row", "conv"), 3, "raster", (3, 5)),
+])
+def test_cached_decoding_matches_the_full_pass_at_every_step(attention, kernel, conv_mask,
+                                                             grid):
+    cfg = dataclasses.replace(SMALL, attention=attention, conv_kernel=kernel,
+                              conv_mask=conv_mask, image_height=grid[0], image_width=grid[1])
+    n = cfg.image_len
     model = tr.Transformer(cfg)
     rng = np.random.default_rng(1)
     text = jnp.asarray(rng.integers(0, cfg.text_vocab_size, (2, TEXT_LEN)), jnp.int32)
-    image = jnp.asarray(rng.integers(0, cfg.image_vocab_size, (2, H * W)), jnp.int32)
+    image = jnp.asarray(rng.integers(0, cfg.image_vocab_size, (2, n)), jnp.int32)
     params = nn.unbox(model.init(jax.random.key(2), text, image)["params"])
-    full = model.apply({"params": params}, text, image)[1]
+    full = jax.jit(model.apply)({"params": params}, text, image)[1]
+    layer_params = tr.decode_params(params, cfg)
+    decode = jax.jit(lambda c, tok, a: model.apply({"params": layer_params}, tok, c, a,
+                                                   method="decode"))
+    prefill = jax.jit(lambda t, i: model.apply({"params": params}, t, i, method="prefill"))
     for primed in (0, 5):  # prefill with the text only, and with some image positions
-        _, prefill_logits, cache = model.apply({"params": params}, text, image[:, :primed],
-                                               mode="prefill")
+        _, prefill_logits, cache = prefill(text, image[:, :primed])
         np.testing.assert_allclose(prefill_logits, full[:, :primed], atol=1e-5)
         cache = tr.decode_cache(cache, cfg)
-        layer_params = tr.decode_params(params, cfg)
-        decode = jax.jit(lambda c, tok, a: model.apply({"params": layer_params}, None, tok,
-                                                       mode="decode", cache=c, position=a))
-        for a in range(primed, H * W):
+        for a in range(primed, n):
             previous = image[:, a - 1] if a else jnp.zeros((2,), jnp.int32)
             logits, cache = decode(cache, previous, a)
             np.testing.assert_allclose(logits, full[:, a], atol=1e-5,
@@ -183,20 +333,24 @@ def test_unscanned_layers_compute_what_the_scan_computes(small):
     assert "layers" not in abstract and f"layer_{cfg.num_layers - 1}" in abstract
     layer_params = tr.decode_params(params, model.config)  # the stack split per layer
     assert jax.tree.structure(nn.unbox(abstract)) == jax.tree.structure(layer_params)
-    expected = model.apply({"params": params}, text, image, mode="prefill")
-    got = unscanned.apply({"params": layer_params}, text, image, mode="prefill")
+    expected = model.apply({"params": params}, text, image, method="prefill")
+    got = unscanned.apply({"params": layer_params}, text, image, method="prefill")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, expected)
     assert tr.decode_params(layer_params, cfg) is layer_params
 
 
-@pytest.mark.parametrize("kind", tr.ATTENTION_KINDS)
-@pytest.mark.parametrize("grid,kernel", [((4, 4), 3), ((4, 4), 11), ((5, 7), 5), ((1, 6), 3)])
-def test_decode_windows_read_only_what_the_mask_allows(kind, grid, kernel):
+@pytest.mark.parametrize("kind, conv_mask", [(k, "raster") for k in tr.ATTENTION_KINDS]
+                         + [("conv", "wrap_columns")])
+@pytest.mark.parametrize("grid,kernel", [((4, 4), 3), ((4, 4), 11), ((5, 7), 5), ((1, 6), 3),
+                                         ((32, 32), 11)])
+def test_decode_windows_read_only_what_the_mask_allows(kind, conv_mask, grid, kernel):
     h, w = grid
-    window = tr.decode_window(kind, h, w, kernel)
-    mask = tr.image_mask(kind, h, w, kernel)
+    window = tr.decode_window(kind, h, w, kernel, conv_mask)
+    mask = tr.image_mask(kind, h, w, kernel, conv_mask)
+    half = kernel // 2
     expected_size = {"dense": h * w, "row": min(w + 1, h * w), "column": h,
-                     "conv": min(kernel // 2 + 1, h) * w}[kind]
+                     "conv": min(half * w + half + 1, h * w) if conv_mask == "raster"
+                     else min(half + 1, h) * w}[kind]
     assert window.size == expected_size
     for a in range(h * w):
         keys = window.start[a] + window.stride * np.arange(window.size)
@@ -233,10 +387,17 @@ def test_sharded_forward_equals_single_device(small, scan_layers):
         np.testing.assert_allclose(np.asarray(g)[:3], e, atol=1e-5)
 
 
-def test_the_12b_preset_builds_abstractly_and_shards():
-    from configs import transformer_shapes  # pylint: disable=g-import-not-at-top
-    config = transformer_shapes.get_config("size=12b")
+def test_the_12b_photos_config_builds_abstractly_and_shards():
+    config = config_lib.load_config_file(os.path.join(REPO, "configs", "transformer_photos.py"))
     cfg = stage2.model_config(config)
+    assert cfg.schedule == tr.dalle_layer_schedule(64)
+    assert (cfg.conv_kernel, cfg.conv_mask) == (11, "raster")
+    # The paper's schedule: warm-up to 4.5e-4 over 5000 updates, then five halvings.
+    lr = optimizer_lib.learning_rate_schedule(config.optimizer, config.total_steps)
+    assert float(lr(5_000)) == pytest.approx(4.5e-4)
+    rates = [float(lr(step)) for step in range(5_000, config.total_steps, 1_000)]
+    assert sorted(set(rates), reverse=True) == pytest.approx([4.5e-4 / 2 ** i for i in range(6)])
+    assert rates == sorted(rates, reverse=True)
     assert (cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.d_model) == (64, 62, 64, 3968)
     assert (cfg.text_len, cfg.text_vocab_size, cfg.image_len, cfg.image_vocab_size) == (
         256, 16384, 1024, 8192)
@@ -306,3 +467,15 @@ def test_remat_keeps_gradients_and_bf16_keeps_fp32_logits(small):
     assert text_logits.dtype == image_logits.dtype == jnp.float32
     full = tr.Transformer(SMALL).apply({"params": params}, text, image)[1]
     np.testing.assert_allclose(image_logits, full, atol=0.05)
+
+
+def test_remat_policies_by_name():
+    # (That models import nothing from train/ is tests/test_package.py's check.)
+    assert remat.policy("none") is None
+    assert remat.policy("dots") is jax.checkpoint_policies.checkpoint_dots
+    with pytest.raises(ValueError, match=r"remat_policy must be one of \['dots', "):
+        remat.policy("sometimes")
+    with pytest.raises(ValueError, match="remat_policy must be one of"):
+        tr.Transformer(dataclasses.replace(SMALL, remat_policy="sometimes")).init(
+            jax.random.key(0), jnp.zeros((1, TEXT_LEN), jnp.int32),
+            jnp.zeros((1, H * W), jnp.int32))

@@ -15,7 +15,8 @@ import numpy as np
 
 from dalle_jax.config import parse_arg
 from dalle_jax.data import pipeline as pipeline_lib
-from dalle_jax.data import tokenizer as tokenizer_lib
+from dalle_jax.data import sources
+from dalle_jax.data import text_tokenizer
 from dalle_jax.train import step as step_lib
 from dalle_jax.train.defaults import core_config
 
@@ -40,7 +41,7 @@ def get_config(arg=None):
         holdout_pairs=(("green", "triangle"),), dataset_seed=0, preprocess="resize",
         shuffle_buffer=64, image_key="image", caption_key="caption"))
     config.text = ml_collections.ConfigDict(dict(
-        tokenizer="", vocab_size=64, model_type="bpe", text_len=32, bpe_dropout=0.1))
+        tokenizer_path="", vocab_size=64, model_type="bpe", text_len=32, bpe_dropout=0.1))
     return config
 
 
@@ -99,6 +100,7 @@ class SyntheticData:
         self.text_len, self.vocab, self.seed = text_len, vocab, seed
         self.num_batches = num_batches
         self.index = 0
+        self.closed = False
 
     def __iter__(self):
         return self
@@ -121,6 +123,9 @@ class SyntheticData:
 
     def set_state(self, state):
         self.index = int(state["index"])
+
+    def close(self):
+        self.closed = True
 
 
 class ToyTask:
@@ -149,8 +154,9 @@ class ToyTask:
 
     def _text(self):
         if self._tokenizer is None:
-            self._tokenizer = tokenizer_lib.train_for_run(self.config, self.workdir,
-                                                          progress=False)
+            captions = sources.iter_captions(sources.make_source(self.config.data, "train"))
+            self._tokenizer = text_tokenizer.train_or_load_text_tokenizer(
+                self.config.text, self.workdir, captions, progress=False)
         return self._tokenizer
 
     def init(self, rng):
@@ -176,13 +182,13 @@ class ToyTask:
         if self.config.data.source == "synthetic":
             return self._synthetic()
         return pipeline_lib.make_pipeline(self.config, "train", train=True,
-                                          tokenizer=self._text())
+                                          text_tokenizer=self._text())
 
     def eval_data(self):
         if self.config.data.source == "synthetic":
             return self._synthetic(num_batches=2)
         return pipeline_lib.make_pipeline(self.config, "validation", train=False,
-                                          tokenizer=self._text())
+                                          text_tokenizer=self._text())
 
     def summaries(self, params, model_state, batch):
         del params, model_state

@@ -1,21 +1,39 @@
-"""Code shards: the image-token form of a dataset that stage 2 trains from.
+"""Code shards: the image-token form of a dataset that stage 2 trains from; their
+records, their metadata, their reader and writer.
+
+The dataset-encoding job (:mod:`dalle_jax.tools.encode_dataset`) writes them through
+:func:`write_shard` and :func:`write_metadata`; the pipeline reads them through
+:class:`dalle_jax.data.sources.CodeSource`.
 
 Each record is a ``tf.train.Example`` with
+
     codes       bytes    the code grid, int16 little-endian, row-major
     code_shape  int64[2] (h, w)
     caption     bytes    UTF-8
     id          bytes    the source example's id
-A split is ``<dir>/<name>-<split>.codes-00000-of-00008`` ... plus
-``<dir>/<name>-<split>.codes.json`` (shards, counts, the tokenizer run and step), which
-is written last.
+
+A split is ``<dir>/<name>-<split>.codes-00000-of-00008`` ... plus the metadata
+``<dir>/<name>-<split>.codes.json``::
+
+    {"format": "dalle_jax.codes", "format_version": 1, "name": ..., "split": ...,
+     "num_examples": ..., "shards": [{"file": ..., "num_examples": ...}, ...],
+     "code_shape": [h, w], "vocab_size": ..., <the image tokenizer run and step>}
+
+written last (the layout and the versioning are those of
+:mod:`dalle_jax.data.shard_files`). Shards are written one at a time, each complete
+or absent, so an interrupted encoding resumes shard by shard.
 """
 from __future__ import annotations
 
-import json
-import posixpath
+from typing import Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from dalle_jax.data import shard_files
+
+FORMAT = "dalle_jax.codes"
+FORMAT_VERSION = 1
 
 FEATURE_SPEC = {
     "codes": tf.io.FixedLenFeature([], tf.string),
@@ -33,16 +51,46 @@ def metadata_name(name: str, split: str) -> str:
     return f"{name}-{split}.codes.json"
 
 
+def metadata_path(directory: str, name: str, split: str) -> str:
+    return shard_files.join(directory, metadata_name(name, split))
+
+
 def read_metadata(directory: str, name: str, split: str) -> dict:
     """The metadata of an encoded split; ``FileNotFoundError`` if it is absent (the job
     writes it last, so an interrupted encoding has none)."""
-    path = posixpath.join(str(directory), metadata_name(name, split))
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(
-            f"no code shards metadata at {path}: encode the dataset first "
-            "(python -m dalle_jax.tools.encode_dataset) or check data_dir, name and split")
-    with tf.io.gfile.GFile(path, "r") as f:
-        return json.load(f)
+    return shard_files.read_metadata(
+        metadata_path(directory, name, split), format_name=FORMAT,
+        format_version=FORMAT_VERSION,
+        missing_hint="encode the dataset first (python -m dalle_jax.tools.encode_dataset) "
+                     "or check data_dir, name and split")
+
+
+def write_metadata(directory: str, name: str, split: str, *,
+                   shards: Sequence[dict], code_shape: Sequence[int], vocab_size: int,
+                   **extra) -> dict:
+    """Writes the split's metadata (after all its shards); returns it. ``extra``
+    entries (such as the image tokenizer that made the codes) are kept as given."""
+    metadata = {"name": name, "split": split, "shards": list(shards),
+                "num_examples": sum(shard["num_examples"] for shard in shards),
+                "code_shape": list(code_shape), "vocab_size": int(vocab_size), **extra}
+    shard_files.write_metadata(metadata_path(directory, name, split), metadata,
+                               format_name=FORMAT, format_version=FORMAT_VERSION)
+    return metadata
+
+
+def shard_exists(directory: str, file_name: str) -> bool:
+    """Whether the shard ``file_name`` is complete (written by an earlier run)."""
+    return shard_files.exists(shard_files.join(directory, file_name))
+
+
+def write_shard(directory: str, file_name: str, serialized_records: Iterable[bytes], *,
+                writer_token: str = "0") -> int:
+    """Writes one shard under a temporary name, renamed into place when complete;
+    returns its record count. ``writer_token`` tells concurrent writers' files apart."""
+    temp = shard_files.temp_path(directory, file_name, writer_token)
+    count = shard_files.write_records(temp, serialized_records)
+    shard_files.rename(temp, shard_files.join(directory, file_name))
+    return count
 
 
 def encode_record(codes: np.ndarray, caption: bytes | str, id: bytes | str) -> bytes:  # pylint: disable=redefined-builtin

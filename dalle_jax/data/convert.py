@@ -1,4 +1,4 @@
-"""Converts captioned images into sharded TFRecords (the format of :mod:`records`).
+"""Converts captioned images into sharded TFRecords (the format of :mod:`image_records`).
 
 Inputs, one of:
 
@@ -16,9 +16,8 @@ re-encoded as an RGB PNG. Captions are stripped of surrounding whitespace only.
 Bad inputs are skipped and counted under one of ``SKIP_REASONS``; the counts form the
 report that :func:`convert` returns, prints and stores in the split's metadata.
 
-The output replaces an existing split all at once or not at all: shards are written
-under hidden temporary names, renamed into place only when every one is complete,
-and the metadata, which readers open first, is written last.
+The output replaces an existing split all at once or not at all
+(:class:`dalle_jax.data.image_records.SplitWriter`).
 """
 from __future__ import annotations
 
@@ -32,9 +31,8 @@ import io
 import itertools
 import json
 import os
-import uuid
 import warnings
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from absl import logging
 import numpy as np
@@ -42,8 +40,7 @@ from PIL import Image, ImageFile, ImageOps
 import tensorflow as tf
 import tqdm
 
-from dalle_jax import files
-from dalle_jax.data import records
+from dalle_jax.data import image_records
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
@@ -275,7 +272,7 @@ def _convert_one(source: _Source, *, max_pixels: int,
             _read_image_file(source), max_pixels, min_size)
     except _Skip as skip:
         return source, None, skip.reason
-    record = records.encode_record(image_bytes, caption, source.id, height, width)
+    record = image_records.encode_record(image_bytes, caption, source.id, height, width)
     return source, record, None
 
 
@@ -296,24 +293,6 @@ def _ordered_map(fn: Callable[[_In], _Out], items: Iterable[_In],
         pending.append(executor.submit(fn, item))
     while pending:
         yield pending.popleft().result()
-
-
-def _write_shard(path: str, serialized_records: Iterable[bytes]) -> int:
-    """Writes one TFRecord file; returns the number of records in it."""
-    count = 0
-    with tf.io.TFRecordWriter(path) as writer:
-        for record in serialized_records:
-            writer.write(record)
-            count += 1
-    return count
-
-
-def _existing_shard_files(output_dir: str, name: str, split: str) -> list[str]:
-    try:
-        metadata = records.read_metadata(output_dir, name, split)
-        return [shard["file"] for shard in metadata["shards"]]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return []
 
 
 @contextlib.contextmanager
@@ -418,27 +397,18 @@ def convert(*, output_dir: str, name: str, split: str = "train",
     order = np.random.default_rng(seed).permutation(len(sources))
     shuffled = [sources[index] for index in order]
 
-    tf.io.gfile.makedirs(output_dir)
-    shard_files = [records.shard_file_name(name, split, index, num_shards)
-                   for index in range(num_shards)]
-    run_token = uuid.uuid4().hex[:8]
-    # Hidden, so that globs for a split's shards never pick up unfinished ones.
-    temp_paths = [records.join(output_dir, f".{file}.tmp-{run_token}")
-                  for file in shard_files]
     tally = _Tally()
-    shard_counts = []
     convert_fn = functools.partial(_convert_one, max_pixels=max_pixels, min_size=min_size)
-    try:
+    with image_records.SplitWriter(output_dir, name, split, num_shards) as writer:
         with (_strict_pillow(max_pixels),
               concurrent.futures.ThreadPoolExecutor(num_workers) as executor,
               tqdm.tqdm(total=len(shuffled), desc=f"{name}-{split}", unit="img") as progress):
             results = _ordered_map(convert_fn, shuffled, executor, 4 * num_workers)
-            for temp_path, size in zip(temp_paths, _shard_sizes(len(shuffled), num_shards)):
+            for index, size in enumerate(_shard_sizes(len(shuffled), num_shards)):
                 shard_results = itertools.islice(results, size)
-                shard_counts.append(
-                    _write_shard(temp_path, tally.kept_records(shard_results, progress)))
+                writer.write_shard(index, tally.kept_records(shard_results, progress))
         report = tally.report()
-        _commit(output_dir, name, split, temp_paths, shard_files, shard_counts, metadata={
+        writer.commit({
             "report": report,
             "conversion": {
                 "input_dir": input_dir and _absolute(input_dir),
@@ -447,40 +417,8 @@ def convert(*, output_dir: str, name: str, split: str = "train",
                 "max_pixels": max_pixels, "min_size": min_size, "seed": seed,
             },
         })
-    finally:
-        for temp_path in temp_paths:
-            if tf.io.gfile.exists(temp_path):
-                tf.io.gfile.remove(temp_path)
 
     if report["written"] == 0:
         logging.warning("no examples written to %s: see the report", output_dir)
     print(format_report(report, title=f"{name}-{split}"), flush=True)
     return report
-
-
-def _commit(output_dir: str, name: str, split: str, temp_paths: Sequence[str],
-            shard_files: Sequence[str], shard_counts: Sequence[int], metadata: dict) -> None:
-    """Moves the finished shards into place, then writes the metadata."""
-    metadata_path = records.metadata_path(output_dir, name, split)
-    previous_shard_files = _existing_shard_files(output_dir, name, split)
-    # Readers start from the metadata: remove the old one first so that it is never
-    # paired with new shards, even if a rename below fails.
-    if tf.io.gfile.exists(metadata_path):
-        tf.io.gfile.remove(metadata_path)
-    for temp_path, file in zip(temp_paths, shard_files):
-        tf.io.gfile.rename(temp_path, records.join(output_dir, file), overwrite=True)
-    files.atomic_write(metadata_path, json.dumps({
-        "format": records.FORMAT,
-        "format_version": records.FORMAT_VERSION,
-        "name": name,
-        "split": split,
-        "num_examples": sum(shard_counts),
-        "shards": [{"file": file, "num_examples": count}
-                   for file, count in zip(shard_files, shard_counts)],
-        **metadata,
-    }, indent=2) + "\n")
-    # Shards of an earlier conversion with another shard count are now orphans.
-    for file in set(previous_shard_files) - set(shard_files):
-        path = records.join(output_dir, file)
-        if tf.io.gfile.exists(path):
-            tf.io.gfile.remove(path)

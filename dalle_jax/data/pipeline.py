@@ -4,7 +4,7 @@ Order of work for each process::
 
     its files ─► per-epoch file shuffle ─► interleaved records ─► [shard by example]
       ─► shuffle buffer of raw records ─► enumerate ─► skip (on resume)
-      ─► decode + preprocess (parallel) ─► batch ─► tokenize ─► prefetch
+      ─► decode + preprocess (parallel) ─► batch ─► prefetch ─► tokenize (host)
 
 Processes read disjoint parts of the data: whole files when there are at least as many
 files as processes, otherwise every ``process_count``-th record. Within an epoch the
@@ -20,145 +20,18 @@ are identical to those an uninterrupted run would have produced.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import posixpath
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import tensorflow as tf
 
 from dalle_jax.data import preprocess as preprocess_lib
-from dalle_jax.data.tokenizer import Tokenizer
+from dalle_jax.data import sources as sources_lib
+from dalle_jax.data.text_tokenizer import TextTokenizer
 
 STATE_VERSION = 1
 _INT64_MAX = np.iinfo(np.int64).max
-_MAX_INTERLEAVE = 16
-
-
-class Source(Protocol):
-    """A split of an image–caption dataset stored as TFRecord files."""
-
-    name: str
-
-    def files(self) -> list[tuple[str, int]]:
-        """The split's record files with their example counts, in a fixed order."""
-
-    def parse(self, record: tf.Tensor) -> dict[str, tf.Tensor]:
-        """One serialized record → ``{"image": uint8[H, W, C], "caption": string[] or
-        [N], "id": string[]}`` (the id empty when the dataset has none)."""
-
-
-def _nested(example: Mapping[str, Any], key: str):
-    for part in key.split("/"):
-        example = example[part]
-    return example
-
-
-def _as_text(value: tf.Tensor) -> tf.Tensor:
-    return value if value.dtype == tf.string else tf.strings.as_string(value)
-
-
-@dataclasses.dataclass
-class TfdsSource:
-    """A prepared tensorflow-datasets split with an image and a caption feature.
-
-    Feature names are paths into the example (``"captions/text"`` for coco_captions);
-    a caption feature holding several captions gives one of them at random per example.
-    """
-
-    builder: Any  # tfds.core.DatasetBuilder
-    split: str
-    image_key: str = "image"
-    caption_key: str = "caption"
-
-    def __post_init__(self):
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-        info = self.builder.info
-        self.name = f"{info.full_name}:{self.split}"
-        if self.split not in info.splits:
-            raise ValueError(
-                f"{info.full_name} has no split {self.split!r}; it has {sorted(info.splits)}")
-        for key in (self.image_key, self.caption_key):
-            try:
-                _nested(info.features, key)
-            except KeyError:
-                raise ValueError(
-                    f"{info.full_name} has no feature {key!r}; set the feature names in "
-                    f"config.data (image_key / caption_key); features: {list(info.features)}"
-                ) from None
-        file_format = getattr(info, "file_format", None)
-        if file_format is not None and "tfrecord" not in str(file_format).lower():
-            raise ValueError(
-                f"{info.full_name} is stored as {file_format}; this pipeline reads TFRecord "
-                "(prepare it with file_format='tfrecord')")
-        roots = {k.split("/")[0] for k in (self.image_key, self.caption_key)}
-        self._has_id = "id" in info.features  # kept by jobs that write derived records
-        if self._has_id:
-            roots.add("id")
-        # Parse and decode only the features used here (not, e.g., box annotations).
-        self._features = tfds.features.FeaturesDict({r: info.features[r] for r in roots})
-
-    def files(self) -> list[tuple[str, int]]:
-        split = self.builder.info.splits[self.split]
-        return [(str(p), n) for p, n in zip(split.filepaths, split.shard_lengths)]
-
-    def parse(self, record):
-        example = self._features.deserialize_example(record)
-        return {"image": _nested(example, self.image_key),
-                "caption": _nested(example, self.caption_key),
-                "id": _as_text(example["id"]) if self._has_id else tf.constant("")}
-
-
-@dataclasses.dataclass
-class RecordSource:
-    """A split written by the image-folder converter (:mod:`dalle_jax.data.convert`)."""
-
-    data_dir: str
-    dataset_name: str
-    split: str
-
-    def __post_init__(self):
-        from dalle_jax.data import records  # pylint: disable=g-import-not-at-top
-        self._records = records
-        self.name = f"{self.dataset_name}:{self.split}"
-        metadata = records.read_metadata(self.data_dir, self.dataset_name, self.split)
-        self._files = [(records.join(self.data_dir, shard["file"]), shard["num_examples"])
-                       for shard in metadata["shards"]]
-
-    def files(self) -> list[tuple[str, int]]:
-        return list(self._files)
-
-    def parse(self, record):
-        example = self._records.parse_record(record)
-        return {"image": preprocess_lib.decode_image(example["image"]),
-                "caption": example["caption"], "id": example["id"]}
-
-
-@dataclasses.dataclass
-class CodeSource:
-    """A split of code shards written by the dataset-encoding job
-    (:mod:`dalle_jax.tools.encode_dataset`): examples carry ``codes`` instead of an
-    image."""
-
-    data_dir: str
-    dataset_name: str
-    split: str
-
-    def __post_init__(self):
-        from dalle_jax.data import code_records  # pylint: disable=g-import-not-at-top
-        self._code_records = code_records
-        self.name = f"{self.dataset_name}:{self.split} codes"
-        self.metadata = code_records.read_metadata(self.data_dir, self.dataset_name,
-                                                   self.split)
-        self._files = [(posixpath.join(str(self.data_dir), shard["file"]),
-                        shard["num_examples"]) for shard in self.metadata["shards"]]
-
-    def files(self) -> list[tuple[str, int]]:
-        return list(self._files)
-
-    def parse(self, record):
-        return self._code_records.parse_record(record)
 
 
 def _seed(*parts) -> tf.Tensor:
@@ -209,7 +82,7 @@ class InputPipeline:
 
     Each batch is a dict with ``image`` uint8[B, H, W, 3] (or, from code shards,
     ``codes`` int32[B, h, w]), ``mask`` bool[B] (False only
-    on the padding that completes a final eval batch), and, with a tokenizer,
+    on the padding that completes a final eval batch), and, with a text tokenizer,
     ``text_tokens`` int32[B, text_len] and ``text_truncated`` bool[B]; with
     ``with_captions`` also ``caption`` (object array of str).
 
@@ -218,16 +91,19 @@ class InputPipeline:
 
     ``batch_size`` is per process. ``num_epochs=None`` repeats forever (training); a
     finite stream ends with a padded partial batch unless ``drop_remainder``.
+
+    The pipeline holds a tf.data iterator once iterated: :meth:`close` it, or use it as
+    a context manager (``with make_pipeline(...) as data:``).
     """
 
     def __init__(
         self,
-        source: Source,
+        source: sources_lib.Source,
         *,
         batch_size: int,
         image_size: int,
         preprocess: str = "resize",
-        tokenizer: Tokenizer | None = None,
+        text_tokenizer: TextTokenizer | None = None,
         train: bool = True,
         seed: int = 0,
         shuffle_buffer: int = 10_000,
@@ -258,7 +134,7 @@ class InputPipeline:
         self.batch_size = batch_size
         self.image_size = image_size
         self.preprocess = preprocess
-        self.tokenizer = tokenizer
+        self.text_tokenizer = text_tokenizer
         self.train = train
         self.seed = int(seed)
         self.shuffle_buffer = shuffle_buffer
@@ -273,7 +149,7 @@ class InputPipeline:
 
         # Empty files are left out: a process whose share held no example would
         # otherwise cycle through empty epochs forever.
-        all_files = sorted(path for path, count in source.files() if count > 0)
+        all_files = sources_lib.nonempty_files(source)
         num_examples = sum(count for _, count in source.files())
         if num_examples < process_count:
             raise ValueError(
@@ -331,12 +207,7 @@ class InputPipeline:
 
     def _records(self, files: tf.Tensor) -> tf.data.Dataset:
         """This process's raw records of ``files``, interleaved in a fixed order."""
-        records = tf.data.Dataset.from_tensor_slices(files).interleave(
-            lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20),
-            cycle_length=min(len(self.files), _MAX_INTERLEAVE),
-            block_length=1,
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True)
+        records = sources_lib.interleaved_records(files, len(self.files))
         if not self.shard_by_file:
             records = records.shard(self.process_count, self.process_index)
         return records
@@ -376,19 +247,17 @@ class InputPipeline:
                                           example["caption"])
         return {**example, "_epoch": epoch, "_index": index}
 
-    def _tokenize(self, batch):
+    def _bpe_seed(self, batch):
+        """The batch's BPE-dropout seed, a function of its first example's position.
+
+        Only the seed is computed here; the text tokenizer runs on the host in
+        :meth:`__next__`. Python called from inside the tf.data graph
+        (``tf.numpy_function``) would need the GIL on tf.data's worker threads, which
+        deadlocks an interpreter that finalises while such a worker is still running.
+        """
         seed = _seed(self.seed, _BPE_DROPOUT, self.process_index,
                      batch["_epoch"][0], batch["_index"][0])[0]
-
-        @tf.autograph.experimental.do_not_convert
-        def encode(captions, seed_value):
-            return self.tokenizer.encode(list(captions), train=self.train, seed=int(seed_value))
-
-        tokens, truncated = tf.numpy_function(
-            encode, [batch["caption"], seed], [tf.int32, tf.bool], stateful=False)
-        tokens.set_shape([None, self.tokenizer.text_len])
-        truncated.set_shape([None])
-        return {**batch, "text_tokens": tokens, "text_truncated": truncated}
+        return {**batch, "_bpe_seed": seed}
 
     def _build(self) -> tf.data.Dataset:
         start_epoch, start_index = self._epoch, self._index
@@ -399,15 +268,15 @@ class InputPipeline:
         ds = ds.map(self._example, num_parallel_calls=self.num_parallel_calls,
                     deterministic=True)
         ds = ds.batch(self.batch_size, drop_remainder=self.drop_remainder)
-        if self.tokenizer is not None:
-            ds = ds.map(self._tokenize)
+        if self.text_tokenizer is not None:
+            ds = ds.map(self._bpe_seed)
         options = tf.data.Options()
         options.deterministic = True
         options.experimental_optimization.map_parallelization = True
         ds = ds.with_options(options)
         return ds.prefetch(self.prefetch)
 
-    # --- iteration ---------------------------------------------------------------------
+    # --- iteration and lifetime --------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -420,9 +289,12 @@ class InputPipeline:
         self._epoch, self._index = int(epochs[-1]), int(indices[-1]) + 1
         real = len(indices)
         self._examples += real
-        if "text_truncated" in batch:
-            self._truncated += int(batch["text_truncated"].sum())
         captions = batch.pop("caption")
+        if self.text_tokenizer is not None:
+            tokens, truncated = self.text_tokenizer.encode(
+                list(captions), train=self.train, seed=int(batch.pop("_bpe_seed")))
+            batch["text_tokens"], batch["text_truncated"] = tokens, truncated
+            self._truncated += int(truncated.sum())
         if self.with_captions:
             batch["caption"] = np.array([c.decode("utf-8") for c in captions], dtype=object)
         batch["mask"] = np.ones((real,), bool)
@@ -430,13 +302,21 @@ class InputPipeline:
             batch = {k: _pad_rows(v, self.batch_size) for k, v in batch.items()}
         return batch
 
-    def iter_captions(self) -> Iterator[str]:
-        """The split's captions once, without decoding images (for tokenizer training)."""
-        captions = self._records(tf.constant(self.files)).map(lambda r: self.source.parse(r)["caption"],
-                               num_parallel_calls=tf.data.AUTOTUNE).prefetch(64)
-        for caption in captions.as_numpy_iterator():
-            for c in np.atleast_1d(caption):
-                yield c.decode("utf-8", errors="replace")
+    def close(self) -> None:
+        """Releases the tf.data iterator and its threads.
+
+        The position is kept: a later ``next`` rebuilds the stream from it, giving the
+        batches an uninterrupted iterator would have. Close pipelines (or use them as
+        context managers) before the interpreter exits, so that no tf.data iterator is
+        left for interpreter shutdown to tear down.
+        """
+        self._iterator = None
+
+    def __enter__(self) -> "InputPipeline":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -449,41 +329,8 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 # --- from config ----------------------------------------------------------------------
 
 
-def make_source(data_config, split: str) -> Source:
-    """The source named by ``config.data`` (``captioned_shapes``, ``tfds``, ``records`` or
-    ``codes``)."""
-    kind = data_config.source
-    if kind == "captioned_shapes":
-        from dalle_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-        builder = shapes_tfds.build_captioned_shapes(
-            data_config.data_dir or tfds.core.constants.DATA_DIR,
-            image_size=data_config.image_size,
-            num_train=data_config.num_train,
-            num_validation=data_config.num_validation,
-            num_test=data_config.num_test,
-            num_holdout=data_config.num_holdout,
-            holdout_pairs=tuple(tuple(p) for p in data_config.holdout_pairs),
-            seed=data_config.dataset_seed)
-        return TfdsSource(builder, split, "image", "caption")
-    if kind == "tfds":
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-        builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
-        if not builder.is_prepared():
-            raise FileNotFoundError(
-                f"tfds dataset {data_config.name!r} is not prepared in "
-                f"{builder.data_dir_root!s}; prepare it first (tfds build), then set "
-                "config.data.data_dir")
-        return TfdsSource(builder, split, data_config.image_key, data_config.caption_key)
-    if kind == "records":
-        return RecordSource(data_config.data_dir, data_config.name, split)
-    if kind == "codes":
-        return CodeSource(data_config.data_dir, data_config.name, split)
-    raise ValueError(
-        f"config.data.source must be captioned_shapes, tfds, records or codes; got {kind!r}")
-
-
-def make_pipeline(config, split: str, *, train: bool, tokenizer: Tokenizer | None = None,
+def make_pipeline(config, split: str, *, train: bool,
+                  text_tokenizer: TextTokenizer | None = None,
                   **overrides) -> InputPipeline:
     """The pipeline for ``split`` as ``config`` describes it (global ``config.batch_size``)."""
     import jax  # pylint: disable=g-import-not-at-top
@@ -498,7 +345,7 @@ def make_pipeline(config, split: str, *, train: bool, tokenizer: Tokenizer | Non
         batch_size=config.batch_size // process_count,
         image_size=data.image_size,
         preprocess=data.preprocess,
-        tokenizer=tokenizer,
+        text_tokenizer=text_tokenizer,
         train=train,
         seed=config.seed,
         shuffle_buffer=data.shuffle_buffer,
@@ -506,19 +353,4 @@ def make_pipeline(config, split: str, *, train: bool, tokenizer: Tokenizer | Non
         process_index=process_index,
         process_count=process_count)
     kwargs.update(overrides)
-    return InputPipeline(make_source(data, split), **kwargs)
-
-
-def make_global_batch(batch: Mapping[str, np.ndarray], mesh,
-                      batch_axes: Sequence[str] = ("data", "fsdp")):
-    """Turns a per-process batch into global ``jax.Array``s sharded on the batch axes.
-
-    Every process passes its own rows; the leading dimension of each result is the
-    global batch. Non-numeric entries (captions) are left out.
-    """
-    import jax  # pylint: disable=g-import-not-at-top
-    from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    sharding = NamedSharding(mesh, PartitionSpec(axes or None))
-    return {k: jax.make_array_from_process_local_data(sharding, v)
-            for k, v in batch.items() if v.dtype != object}
+    return InputPipeline(sources_lib.make_source(data, split), **kwargs)

@@ -1,2 +1,3 @@
-"""Flax Linen models, chosen by name from config: the stage-1 image tokenizers (dVAE,
-VQ-VAE), the stage-2 transformer and the contrastive reranker. (Next milestones.)"""
+"""Flax Linen models: the stage-1 image tokenizers (:mod:`dvae`, :mod:`vqvae`, chosen by
+``config.model.kind`` in :mod:`image_tokenizers`), the import of OpenAI's released dVAE
+and the stage-2 :mod:`transformer`. Models import nothing from the training core."""

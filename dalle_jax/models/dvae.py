@@ -24,13 +24,11 @@ encoder has 53,786,240 parameters and the decoder 43,829,766.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 LOGIT_LAPLACE_EPS = 0.1
 KERNEL_AXES = (None, None, "conv_in", "conv_out")
@@ -164,7 +162,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     Every step is an element-wise maximum over contiguous channel vectors. On the CPU
     that took 5.8 ms on a [1, 256, 256, 256] input, against 16.0 ms for a max-reduction
     over a [.., 2, .., 2, ..] reshape and 32.0 ms for ``reduce_window``, and it made the
-    released encoder 1.17× faster at 256 px (BENCHMARKS.md). The gradient is an
+    released encoder 1.17× faster at 256 px (docs/experiments/stage1.md). The gradient is an
     element-wise mask rather than ``reduce_window``'s argmax bookkeeping (four index
     arrays the size of the input and a scatter). Ties share the gradient.
     """
@@ -240,28 +238,6 @@ class Decoder(nn.Module):
         return x.astype(jnp.float32)
 
 
-def _check_images(images: Any, factor: int) -> np.ndarray:
-    """Host-side checks of an image batch; returns it as a numpy array."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must have shape [B, H, W, 3]; got {images.shape}")
-    height, width = images.shape[1:3]
-    if height % factor or width % factor:
-        raise ValueError(
-            f"image size {height}x{width} is not divisible by the encoder's downsample "
-            f"factor {factor}")
-    if images.dtype == np.uint8:
-        return images
-    if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"images must be uint8 or float in [0, 1]; got dtype {images.dtype}")
-    if np.isnan(images).any():
-        raise ValueError("images contain NaN")
-    if images.size and (images.min() < 0 or images.max() > 1):
-        raise ValueError(
-            f"float images must lie in [0, 1]; got [{images.min()}, {images.max()}]")
-    return images
-
-
 def in_chunks(fn: Callable[[jax.Array], Any], x: jax.Array, chunk_size: int,
               num_shards: int = 1) -> Any:
     """``fn(x)`` computed ``chunk_size`` examples at a time, in one program.
@@ -271,7 +247,7 @@ def in_chunks(fn: Callable[[jax.Array], Any], x: jax.Array, chunk_size: int,
     axis is sharded over) is cut into chunks; ``lax.map`` runs step k on chunk k of every
     slice at once, so no example leaves its device. Smaller chunks keep fewer
     activations live: for the released dVAE encoder at 256 px on the CPU, chunks of one
-    image are the fastest (BENCHMARKS.md). ``chunk_size`` 0, or a whole slice, is one
+    image are the fastest (docs/experiments/stage1.md). ``chunk_size`` 0, or a whole slice, is one
     call of ``fn``.
     """
     batch = x.shape[0]
@@ -296,55 +272,54 @@ def in_chunks(fn: Callable[[jax.Array], Any], x: jax.Array, chunk_size: int,
     return jax.tree.map(from_steps, jax.lax.map(fn, to_steps(x)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _encode(module: Encoder, params: Any, images: jax.Array, chunk_size: int) -> jax.Array:
-    if images.dtype == jnp.uint8:
-        x = images.astype(jnp.float32) / 255.0
-    else:
-        x = images.astype(jnp.float32)
-
-    def codes(x):
-        logits = module.apply({"params": params}, map_pixels(x))
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    return in_chunks(codes, x, chunk_size)
+def reconstruction(stats: jax.Array) -> jax.Array:
+    """Pixels in [0, 1] from the decoder's statistics: unmap(sigmoid(μ))."""
+    return unmap_pixels(jax.nn.sigmoid(stats[..., :stats.shape[-1] // 2]))
 
 
-def encode_codes(encoder_params: Any, images_uint8: Any, encoder_module: Encoder,
-                 chunk_size: int = 0) -> jax.Array:
-    """Images (uint8, or float in [0, 1]) [B, H, W, 3] → int32 codes [B, H/f, W/f].
+class DiscreteVAE(nn.Module):
+    """The dVAE as one module: the encoder's logits pick a code per grid position.
 
-    Deterministic: the argmax of the logits, no Gumbel noise. Inputs are checked on the
-    host first (shape, divisibility, dtype, NaN, range) and refused with ``ValueError``.
-    ``chunk_size`` > 0 encodes that many images at a time (:func:`in_chunks`); it must
-    divide B.
+    ``encode`` and ``decode`` are the inference paths (argmax codes; decoder statistics
+    of one-hot codes); calling the module runs the training pass, where the codes are
+    relaxed with gumbel-softmax at ``temperature`` (paper, appendix A) and
+    ``straight_through`` sends the hard one-hot forward with the relaxed gradients.
     """
-    images = _check_images(images_uint8, downsample_factor(encoder_module.group_count))
-    return _encode(encoder_module, encoder_params, images, chunk_size)
 
+    vocab_size: int
+    n_hid: int
+    n_blk_per_group: int
+    group_count: int
+    n_init: int
+    straight_through: bool = False
+    dtype: Dtype = jnp.float32
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _decode(module: Decoder, params: Any, codes: jax.Array, vocab_size: int) -> jax.Array:
-    z = jax.nn.one_hot(codes, vocab_size, dtype=module.dtype)
-    out = module.apply({"params": params}, z)
-    pixels = unmap_pixels(jax.nn.sigmoid(out[..., :module.output_channels]))
-    return jnp.round(pixels * 255).astype(jnp.uint8)
+    def setup(self):
+        self.encoder = Encoder(self.n_hid, self.n_blk_per_group, self.group_count,
+                               self.vocab_size, dtype=self.dtype)
+        self.decoder = Decoder(self.n_init, self.n_hid, self.n_blk_per_group,
+                               self.group_count, 3, dtype=self.dtype)
 
+    def encode(self, x_mapped: jax.Array) -> jax.Array:
+        """Codes int32 [B, h, w]: the argmax of the logits, no noise."""
+        return jnp.argmax(self.encoder(x_mapped), -1).astype(jnp.int32)
 
-def decode_codes(decoder_params: Any, codes: Any, decoder_module: Decoder,
-                 vocab_size: int) -> jax.Array:
-    """int codes [B, h, w] → uint8 images [B, h·f, w·f, output_channels].
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """Decoder statistics [B, H, W, 6] of int codes [B, h, w]."""
+        return self.decoder(jax.nn.one_hot(codes, self.vocab_size, dtype=self.dtype))
 
-    The reconstruction is unmap(sigmoid(μ)) of the decoder's means. Codes must be
-    integers in [0, vocab_size); anything else is refused with ``ValueError`` (one-hot
-    would silently turn an out-of-range code into an all-zero input).
-    """
-    codes = np.asarray(codes)
-    if codes.ndim != 3:
-        raise ValueError(f"codes must have shape [B, h, w]; got {codes.shape}")
-    if not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"codes must be integers; got dtype {codes.dtype}")
-    if codes.size and (codes.min() < 0 or codes.max() >= vocab_size):
-        raise ValueError(
-            f"codes must lie in [0, {vocab_size}); got [{codes.min()}, {codes.max()}]")
-    return _decode(decoder_module, decoder_params, codes.astype(np.int32), vocab_size)
+    def __call__(self, x_mapped: jax.Array, *, train: bool,
+                 temperature: jax.Array | float = 1.0):
+        """(decoder statistics, codes, {"logits"}) for mapped pixels [B, H, W, 3]."""
+        logits = self.encoder(x_mapped)
+        codes = jnp.argmax(logits, -1).astype(jnp.int32)
+        if train:
+            gumbel = jax.random.gumbel(self.make_rng("gumbel"), logits.shape, jnp.float32)
+            relaxed = jax.nn.softmax((logits + gumbel) / temperature, axis=-1)
+            if self.straight_through:
+                hard = jax.nn.one_hot(jnp.argmax(logits + gumbel, -1), self.vocab_size,
+                                      dtype=jnp.float32)
+                relaxed = hard + relaxed - jax.lax.stop_gradient(relaxed)
+        else:
+            relaxed = jax.nn.one_hot(codes, self.vocab_size, dtype=jnp.float32)
+        return self.decoder(relaxed.astype(self.dtype)), codes, {"logits": logits}

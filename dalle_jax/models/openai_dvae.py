@@ -130,7 +130,7 @@ def load_released_state_dict(path: str | epath.PathLike, kind: str) -> dict[str,
 
 
 def modules_from_config(model_config: Mapping[str, Any]) -> tuple[dvae.Encoder, dvae.Decoder]:
-    """The encoder and decoder of an architecture config (``configs/dvae_openai.py``)."""
+    """The encoder and decoder of an architecture config (``configs/image_tokenizer_openai.py``)."""
     encoder = dvae.Encoder(
         n_hid=model_config["n_hid"], n_blk_per_group=model_config["n_blk_per_group"],
         group_count=model_config["group_count"], vocab_size=model_config["vocab_size"])

@@ -23,13 +23,15 @@ Two output heads: text positions project onto the text vocabulary and image posi
 onto the image vocabulary, in fp32, so text positions can never emit image tokens (and
 vice versa) and no FLOPs go to logits the loss ignores.
 
-One module serves three modes: ``"full"`` (training, evaluation), ``"prefill"`` (a full
-pass that also returns every layer's keys and values) and ``"decode"`` (one image
-position against a key/value cache). Decoding reads the parameters one layer at a time
-(:func:`decode_params`) and a cache split into text and image keys
-(:func:`decode_cache`); each layer reads only the image keys its pattern can see —
-a row layer the previous ``w + 1``, a column layer its column, a convolutional layer
-the ``k // 2 + 1`` rows above — so the sparse patterns make decoding cheaper.
+Three entry points share the parameters: ``Transformer.__call__`` (training,
+evaluation), ``Transformer.prefill`` (the same pass, also returning every layer's keys
+and values) and ``Transformer.decode`` (one image position against a key/value cache,
+``model.apply(..., method="decode")``). Decoding reads the parameters one layer at a
+time (:func:`decode_params`) and a cache split into text and image keys
+(:func:`decode_cache`); each layer reads only the image keys its pattern can see
+(:func:`decode_window`) — a row layer the previous ``w + 1``, a column layer its column,
+a convolutional layer the ``(k // 2)·w + k // 2 + 1`` keys ending at the query — so the
+sparse patterns make decoding cheaper.
 """
 from __future__ import annotations
 
@@ -41,9 +43,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax.train import step as step_lib
+from dalle_jax.models import remat as remat_lib
 
 ATTENTION_KINDS = ("dense", "row", "column", "conv")
+# How the convolutional layer's k × k neighbourhood wraps at the grid's edges (see
+# image_mask): "raster" is the paper's; "wrap_columns", around the grid's columns, is
+# the pattern of models trained before "raster" existed.
+CONV_MASKS = ("raster", "wrap_columns")
 Cache = tuple[jax.Array, jax.Array]  # prefill: keys, values [layers, B, heads, L, head_dim]
 # decode: per layer (text keys, text values [B, heads, text_len, head_dim],
 # image keys, image values [B, heads, h·w, head_dim])
@@ -79,7 +85,8 @@ def layer_schedule(attention: str | Sequence[str], num_layers: int) -> tuple[str
     return kinds
 
 
-def image_mask(kind: str, height: int, width: int, conv_kernel: int = 11) -> np.ndarray:
+def image_mask(kind: str, height: int, width: int, conv_kernel: int = 11,
+               conv_mask: str = "raster") -> np.ndarray:
     """bool [N, N] over image positions (N = h·w, raster order): may position ``a``
     attend to position ``b``? Always causal (b ≤ a).
 
@@ -87,8 +94,16 @@ def image_mask(kind: str, height: int, width: int, conv_kernel: int = 11) -> np.
     * row: the previous ``w + 1`` positions including itself (a − w ≤ b ≤ a), so the
       farthest is the same column of the previous row; the window wraps around row ends.
     * column: earlier positions of its own column (including itself).
-    * conv: the causal ``k × k`` neighbourhood: at most ``k // 2`` rows up, with a
-      column distance of at most ``k // 2`` measured around the grid (wrapping).
+    * conv: the causal ``k × k`` neighbourhood, ``k // 2`` rows up and ``k // 2`` columns
+      to either side. The paper (figure 11) calls it "a causal convolutional attention
+      pattern with wraparound behavior (similar to the row attention)": with
+      ``conv_mask="raster"`` (the default) the neighbourhood is a fixed set of raster
+      offsets a − b = r·w + c (0 ≤ r ≤ k // 2, |c| ≤ k // 2), so a query near a row's end
+      sees the start of the next row as the row mask does, and on a grid at least k
+      wide every query far enough from the top sees k·(k // 2) + k // 2 + 1 keys (61
+      for k = 11).
+      ``"wrap_columns"`` measures the column distance around the grid (a torus)
+      instead; its number of keys varies with the column.
     """
     n = height * width
     a = np.arange(n)[:, None]
@@ -101,18 +116,27 @@ def image_mask(kind: str, height: int, width: int, conv_kernel: int = 11) -> np.
     if kind == "column":
         return causal & ((a - b) % width == 0)
     if kind == "conv":
-        if conv_kernel < 1 or conv_kernel % 2 == 0:
-            raise ValueError(f"conv_kernel must be a positive odd number, got {conv_kernel}")
-        half = conv_kernel // 2
-        row_gap = a // width - b // width
-        col_gap = np.abs(a % width - b % width)
-        col_gap = np.minimum(col_gap, width - col_gap)
-        return causal & (row_gap <= half) & (col_gap <= half)
+        half = _conv_half(conv_kernel)
+        if conv_mask == "raster":
+            offsets = [r * width + c for r in range(half + 1) for c in range(-half, half + 1)]
+            return causal & np.isin(a - b, offsets)
+        if conv_mask == "wrap_columns":
+            row_gap = a // width - b // width
+            col_gap = np.abs(a % width - b % width)
+            col_gap = np.minimum(col_gap, width - col_gap)
+            return causal & (row_gap <= half) & (col_gap <= half)
+        raise ValueError(f"conv_mask must be one of {CONV_MASKS}, got {conv_mask!r}")
     raise ValueError(f"unknown attention kind {kind!r}; expected one of {ATTENTION_KINDS}")
 
 
+def _conv_half(conv_kernel: int) -> int:
+    if conv_kernel < 1 or conv_kernel % 2 == 0:
+        raise ValueError(f"conv_kernel must be a positive odd number, got {conv_kernel}")
+    return conv_kernel // 2
+
+
 def attention_mask(kind: str, text_len: int, height: int, width: int,
-                   conv_kernel: int = 11) -> np.ndarray:
+                   conv_kernel: int = 11, conv_mask: str = "raster") -> np.ndarray:
     """bool [L, L] for the whole stream (query, key): text → text causal, text → image
     never, image → text always, image → image by ``kind``."""
     n = height * width
@@ -120,7 +144,7 @@ def attention_mask(kind: str, text_len: int, height: int, width: int,
     mask = np.zeros((length, length), bool)
     mask[:text_len, :text_len] = np.tril(np.ones((text_len, text_len), bool))
     mask[text_len:, :text_len] = True
-    mask[text_len:, text_len:] = image_mask(kind, height, width, conv_kernel)
+    mask[text_len:, text_len:] = image_mask(kind, height, width, conv_kernel, conv_mask)
     return mask
 
 
@@ -136,27 +160,37 @@ class DecodeWindow:
     allowed: np.ndarray  # bool [h·w, size]
 
 
-def decode_window(kind: str, height: int, width: int, conv_kernel: int = 11) -> DecodeWindow:
+def decode_window(kind: str, height: int, width: int, conv_kernel: int = 11,
+                  conv_mask: str = "raster") -> DecodeWindow:
     """The smallest read of each kind: dense all keys; row the ``w + 1`` keys ending at
-    the query; column the query's column; conv the ``k // 2 + 1`` grid rows ending at
-    the query's row. Checked to cover every key :func:`image_mask` allows."""
+    the query; column the query's column; conv (raster) the ``(k // 2)·w + k // 2 + 1``
+    keys ending at the query, its largest offset; conv (wrap_columns) the ``k // 2 + 1``
+    grid rows ending at the query's row. Checked to cover every key :func:`image_mask`
+    allows."""
     n = height * width
     a = np.arange(n)
+
+    def ending_at_query(span):  # the keys a − span … a, shifted to stay inside the grid
+        size = min(span + 1, n)
+        return size, 1, np.clip(a - span, 0, n - size)
+
     if kind == "dense":
         size, stride, start = n, 1, np.zeros(n, np.int64)
     elif kind == "row":
-        size, stride = min(width + 1, n), 1
-        start = np.clip(a - width, 0, n - size)
+        size, stride, start = ending_at_query(width)
     elif kind == "column":
         size, stride, start = height, width, a % width
+    elif kind == "conv" and conv_mask == "raster":
+        half = _conv_half(conv_kernel)
+        size, stride, start = ending_at_query(half * width + half)
     elif kind == "conv":
-        rows = min(conv_kernel // 2 + 1, height)
+        rows = min(_conv_half(conv_kernel) + 1, height)
         size, stride = rows * width, 1
         start = np.clip(a // width - (rows - 1), 0, height - rows) * width
     else:
         raise ValueError(f"unknown attention kind {kind!r}; expected one of "
                          f"{ATTENTION_KINDS}")
-    mask = image_mask(kind, height, width, conv_kernel)
+    mask = image_mask(kind, height, width, conv_kernel, conv_mask)
     keys = start[:, None] + stride * np.arange(size)[None, :]
     allowed = np.take_along_axis(mask, keys, axis=1)
     if not np.array_equal(allowed.sum(1), mask.sum(1)):  # a window missing a visible key
@@ -177,6 +211,7 @@ class TransformerConfig:
     mlp_ratio: int = 4
     attention: str | tuple[str, ...] = "dalle"
     conv_kernel: int = 11
+    conv_mask: str = "raster"  # CONV_MASKS: how the convolutional neighbourhood wraps
     pad_id: int = 0
     dtype: Any = jnp.float32  # compute; parameters stay float32
     remat_policy: str = "none"
@@ -184,6 +219,10 @@ class TransformerConfig:
     # nn.scan (one stacked ``layers``): no per-layer stacking of saved activations and
     # gradients, so small models train faster, but compile time grows with depth.
     scan_layers: bool = True
+
+    def __post_init__(self):
+        if self.conv_mask not in CONV_MASKS:
+            raise ValueError(f"conv_mask must be one of {CONV_MASKS}, got {self.conv_mask!r}")
 
     @property
     def d_model(self) -> int:
@@ -206,9 +245,14 @@ class TransformerConfig:
         schedule = self.schedule
         kinds = sorted(set(schedule), key=ATTENTION_KINDS.index)
         masks = np.stack([attention_mask(k, self.text_len, self.image_height,
-                                         self.image_width, self.conv_kernel) for k in kinds])
+                                         self.image_width, self.conv_kernel, self.conv_mask)
+                          for k in kinds])
         index = np.array([kinds.index(k) for k in schedule], np.int32)
         return masks, index
+
+    def decode_window(self, kind: str) -> DecodeWindow:
+        return decode_window(kind, self.image_height, self.image_width, self.conv_kernel,
+                             self.conv_mask)
 
     def flops_per_example(self, *, train: bool = True) -> float:
         """Model FLOPs of one sequence, counted analytically for the model as built:
@@ -228,10 +272,10 @@ class _Projection(nn.Module):
     """``einsum(equation, x, kernel) + bias`` with logical axis names on both.
 
     The default equation contracts the trailing ``in_shape`` axes of ``x`` into
-    ``out_shape``; attention passes its own to read and write head-major
-    [B, heads, L, head_dim] activations. (Written out rather than ``nn.DenseGeneral``,
-    whose initialiser works on a flattened kernel that a multi-axis sharding annotation
-    does not fit.)
+    ``out_shape``; attention passes its own at the call to read and write head-major
+    [B, heads, L, head_dim] or token-major activations with the same parameters.
+    (Written out rather than ``nn.DenseGeneral``, whose initialiser works on a flattened
+    kernel that a multi-axis sharding annotation does not fit.)
     """
 
     in_shape: tuple[int, ...]
@@ -239,11 +283,11 @@ class _Projection(nn.Module):
     in_axes: tuple[str | None, ...]
     out_axes: tuple[str | None, ...]
     dtype: Any = jnp.float32
-    equation: str | None = None
-    bias_shape: tuple[int, ...] | None = None  # how the bias broadcasts in the output
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, equation: str | None = None,
+                 bias_shape: tuple[int, ...] | None = None) -> jax.Array:
+        """``bias_shape``: how the bias broadcasts in the output (default: trailing)."""
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                    self.in_axes + self.out_axes),
@@ -251,7 +295,6 @@ class _Projection(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                self.out_axes),
                           self.out_shape, jnp.float32)
-        equation = self.equation
         if equation is None:
             letters = "abcdefgh"
             ins = letters[:len(self.in_shape)]
@@ -259,14 +302,14 @@ class _Projection(nn.Module):
             equation = f"...{ins},{ins}{outs}->...{outs}"
         y = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
         bias = bias.astype(self.dtype)
-        if self.bias_shape is not None:
-            bias = bias.reshape(self.bias_shape)
+        if bias_shape is not None:
+            bias = bias.reshape(bias_shape)
         return y + bias
 
 
-def _layer_norm(dtype, name=None):
+def _layer_norm(dtype):
     return nn.LayerNorm(
-        dtype=dtype, param_dtype=jnp.float32, name=name,
+        dtype=dtype, param_dtype=jnp.float32,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
@@ -275,86 +318,76 @@ _MASKED = -1e30  # added to the scores of masked keys (exp underflows to exactly
 
 
 class Block(nn.Module):
-    """Pre-LN attention + MLP.
-
-    ``full`` / ``prefill``: one layer of the scanned stack, called as
-    ``(x, layer_kind, masks)``. Attention runs head-major ([B, heads, L, head_dim]);
-    masks enter as an additive [L, L] bias, so the backward pass keeps nothing of them
-    per example.
-
-    ``decode``: one layer of its own (``kind`` static), called as ``(x [B, 1, d],
-    layer cache, position)``. It writes its key and value at the image position and
-    attends to every text key and to the image keys of its :func:`decode_window`.
-    Projections are token-major here: for one token per row XLA's CPU matrix-vector
-    product would transpose every kernel on every step to produce head-major output.
-    """
+    """One layer: pre-LN attention + MLP. ``__call__`` runs a whole stream (training,
+    prefill); :meth:`decode` runs one token against the layer's cache. Both read the
+    same parameters."""
 
     config: TransformerConfig
-    mode: str  # full | prefill | decode
-    kind: str = "dense"  # decode only
 
     def setup(self):
         cfg = self.config
         d, heads = (cfg.d_model,), (cfg.num_heads, cfg.head_dim)
-        if self.mode == "decode":
-            qkv = dict(equation="bld,dhk->blhk")
-            out_equation = "blhd,hdo->blo"
-        else:
-            qkv = dict(equation="bld,dhk->bhlk", bias_shape=(1, cfg.num_heads, 1,
-                                                              cfg.head_dim))
-            out_equation = "bhld,hdo->blo"
         self.ln_attn = _layer_norm(cfg.dtype)
-        self.query = _Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype, **qkv)
-        self.key = _Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype, **qkv)
-        self.value = _Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype, **qkv)
-        self.out = _Projection(heads, d, ("heads", "kv"), ("embed",), cfg.dtype,
-                               equation=out_equation)
+        self.query = _Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype)
+        self.key = _Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype)
+        self.value = _Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype)
+        self.out = _Projection(heads, d, ("heads", "kv"), ("embed",), cfg.dtype)
         self.ln_mlp = _layer_norm(cfg.dtype)
         hidden = (cfg.mlp_ratio * cfg.d_model,)
         self.mlp_in = _Projection(d, hidden, ("embed",), ("mlp",), cfg.dtype)
         self.mlp_out = _Projection(hidden, d, ("mlp",), ("embed",), cfg.dtype)
 
-    def _qkv(self, x):
+    def _qkv(self, x, **layout):
         h = self.ln_attn(x)
-        q = self.query(h) * jnp.asarray(self.config.head_dim ** -0.5, self.config.dtype)
-        return q, self.key(h), self.value(h)
+        q = self.query(h, **layout) * jnp.asarray(self.config.head_dim ** -0.5,
+                                                  self.config.dtype)
+        return q, self.key(h, **layout), self.value(h, **layout)
 
-    def _mlp(self, x, attended):
-        x = x + self.out(attended)
+    def _mlp(self, x, attended, out_equation):
+        x = x + self.out(attended, out_equation)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = nn.gelu(self.mlp_in(self.ln_mlp(x)))
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         x = x + self.mlp_out(h)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    def __call__(self, *args):
-        if self.mode == "decode":
-            return self._decode(*args)
-        return self._full(*args)
+    def __call__(self, x, layer_kind, masks):
+        """x [B, L, d]; ``masks[layer_kind]`` is this layer's bool [L, L] pattern.
+        Returns (x, (keys, values) [B, heads, L, head_dim]).
 
-    def _full(self, x, layer_kind, masks):
-        dtype = self.config.dtype
-        q, k, v = self._qkv(x)
+        Head-major attention; the mask enters as an additive bias, so the backward pass
+        keeps nothing of it per example.
+        """
+        cfg = self.config
+        q, k, v = self._qkv(x, equation="bld,dhk->bhlk",
+                            bias_shape=(1, cfg.num_heads, 1, cfg.head_dim))
         length = x.shape[1]
         allowed = masks[layer_kind][:length, :length]
         bias = jnp.where(allowed, 0.0, _MASKED).astype(jnp.float32)
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(scores + bias, axis=-1).astype(dtype)
+        probs = jax.nn.softmax(scores + bias, axis=-1).astype(cfg.dtype)
         attended = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-        return self._mlp(x, attended), ((k, v) if self.mode == "prefill" else None)
+        return self._mlp(x, attended, "bhld,hdo->blo"), (k, v)
 
-    def _decode(self, x, cache, position):
+    def decode(self, x, cache, position, kind: str):
+        """x [B, 1, d] at image position ``position``; ``cache`` this layer's (text keys,
+        text values, image keys, image values) of :func:`decode_cache`; ``kind`` its
+        attention pattern. Returns (x, cache with this position's key and value).
+
+        Attends to every text key and to the image keys of the pattern's
+        :func:`decode_window`. Projections are token-major here: for one token per row
+        XLA's CPU matrix-vector product would transpose every kernel on every step to
+        produce head-major output.
+        """
         cfg = self.config
-        dtype = cfg.dtype
         text_k, text_v, image_k, image_v = cache
-        q, k, v = (t[:, 0] for t in self._qkv(x))  # [B, heads, head_dim]
-        start = (0, 0, position, 0)
+        q, k, v = (t[:, 0] for t in self._qkv(x, equation="bld,dhk->blhk"))
+        start = (0, 0, position, 0)  # q, k, v: [B, heads, head_dim]
         image_k = jax.lax.dynamic_update_slice(image_k, k[:, :, None].astype(image_k.dtype),
                                                start)
         image_v = jax.lax.dynamic_update_slice(image_v, v[:, :, None].astype(image_v.dtype),
                                                start)
-        window = decode_window(self.kind, cfg.image_height, cfg.image_width,
-                               cfg.conv_kernel)
+        window = cfg.decode_window(kind)
         allowed = jax.lax.dynamic_index_in_dim(jnp.asarray(window.allowed), position, 0,
                                                keepdims=False)
         if window.size == cfg.image_len:
@@ -367,125 +400,162 @@ class Block(nn.Module):
             keys, values = (jnp.take(c, slots, axis=2, mode="clip")
                             for c in (image_k, image_v))
         scores = jnp.concatenate([
-            jnp.einsum("bhd,bhkd->bhk", q, text_k.astype(dtype),
+            jnp.einsum("bhd,bhkd->bhk", q, text_k.astype(cfg.dtype),
                        preferred_element_type=jnp.float32),
-            jnp.einsum("bhd,bhkd->bhk", q, keys.astype(dtype),
+            jnp.einsum("bhd,bhkd->bhk", q, keys.astype(cfg.dtype),
                        preferred_element_type=jnp.float32)
             + jnp.where(allowed, 0.0, _MASKED),
         ], axis=-1)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         attended = (jnp.einsum("bhk,bhkd->bhd", probs[..., :cfg.text_len],
-                               text_v.astype(dtype))
+                               text_v.astype(cfg.dtype))
                     + jnp.einsum("bhk,bhkd->bhd", probs[..., cfg.text_len:],
-                                 values.astype(dtype)))
-        x = self._mlp(x, attended[:, None])
+                                 values.astype(cfg.dtype)))
+        x = self._mlp(x, attended[:, None], "blhd,hdo->blo")
         return x, (text_k, text_v, image_k, image_v)
 
 
 class Transformer(nn.Module):
-    """The stage-2 model. See the module docstring for the stream layout."""
+    """The stage-2 model. See the module docstring for the stream layout.
+
+    Parameters: the embedding tables, the layers — ``layers`` (each array stacked
+    [num_layers, …]) when ``config.scan_layers``, else ``layer_0`` … ``layer_{n−1}`` —
+    ``ln_final``, ``text_head`` and ``image_head``.
+    """
 
     config: TransformerConfig
 
-    @nn.compact
-    def __call__(self, text: jax.Array | None, image: jax.Array, *, mode: str = "full",
-                 cache: Cache | None = None, position: jax.Array | int = 0):
-        """
-        full / prefill: ``text`` int [B, text_len] and ``image`` int [B, n] (the first
-          n ≤ h·w image tokens, or [B, h, w]). Returns (text logits [B, text_len − 1,
-          text_vocab] predicting tokens 1…, image logits [B, n, image_vocab] predicting
-          image tokens 0 … n−1) — and in prefill the cache [layers, B, heads, text_len + n, head_dim].
-        decode: ``image`` int [B], the token before image position ``position``
-          (ignored at position 0, whose input is the start-of-image vector), and the
-          cache made by :func:`decode_cache`; the parameters are the per-layer ones of
-          :func:`decode_params`. Returns (image logits [B, image_vocab], cache).
-        """
+    def setup(self):
         cfg = self.config
-        if mode not in ("full", "prefill", "decode"):
-            raise ValueError(f"mode must be full, prefill or decode; got {mode!r}")
         d = cfg.d_model
         embed_init = nn.initializers.normal(0.02)
 
         def table(name, shape, axes):
             return self.param(name, nn.with_logical_partitioning(embed_init, axes), shape)
 
-        text_embedding = table("text_embedding", (cfg.text_vocab_size, d), ("vocab", "embed"))
-        text_pad = table("text_pad_embedding", (cfg.text_len, d), ("length", "embed"))
-        text_position = table("text_position_embedding", (cfg.text_len, d), ("length", "embed"))
-        image_embedding = table("image_embedding", (cfg.image_vocab_size, d), ("vocab", "embed"))
-        start_of_image = table("start_of_image_embedding", (1, d), (None, "embed"))
-        row_embedding = table("image_row_embedding", (cfg.image_height, d), (None, "embed"))
-        col_embedding = table("image_column_embedding", (cfg.image_width, d), (None, "embed"))
-
-        def image_position_embedding(a):
-            return (jnp.take(row_embedding, a // cfg.image_width, axis=0)
-                    + jnp.take(col_embedding, a % cfg.image_width, axis=0))
-
-        if mode == "decode":
-            a = jnp.asarray(position, jnp.int32)
-            token = jnp.clip(image, 0, cfg.image_vocab_size - 1)
-            x = jnp.where(a == 0, start_of_image[0][None, :],
-                          jnp.take(image_embedding, token, axis=0))
-            x = (x + image_position_embedding(a)[None, :])[:, None, :]
-        else:
-            if text.shape[-1] != cfg.text_len:
-                raise ValueError(f"text must have {cfg.text_len} tokens per row; "
-                                 f"got shape {text.shape}")
-            image = image.reshape(image.shape[0], -1)
-            n = image.shape[1]
-            if n > cfg.image_len:
-                raise ValueError(f"at most {cfg.image_len} image tokens; got {n}")
-            text_x = jnp.where((text == cfg.pad_id)[..., None], text_pad[None],
-                               jnp.take(text_embedding, text, axis=0)) + text_position[None]
-            inputs = jnp.take(image_embedding, image[:, :max(n - 1, 0)], axis=0)
-            image_x = jnp.concatenate(
-                [jnp.broadcast_to(start_of_image[None], (image.shape[0], 1, d)), inputs],
-                axis=1)[:, :n]
-            image_x = image_x + image_position_embedding(jnp.arange(n))[None]
-            x = jnp.concatenate([text_x, image_x], axis=1)
-        x = nn.with_logical_constraint(x.astype(cfg.dtype), ("batch", "length", "embed"))
-
+        self.text_embedding = table("text_embedding", (cfg.text_vocab_size, d),
+                                    ("vocab", "embed"))
+        self.text_pad_embedding = table("text_pad_embedding", (cfg.text_len, d),
+                                        ("length", "embed"))
+        self.text_position_embedding = table("text_position_embedding", (cfg.text_len, d),
+                                             ("length", "embed"))
+        self.image_embedding = table("image_embedding", (cfg.image_vocab_size, d),
+                                     ("vocab", "embed"))
+        self.start_of_image_embedding = table("start_of_image_embedding", (1, d),
+                                              (None, "embed"))
+        self.image_row_embedding = table("image_row_embedding", (cfg.image_height, d),
+                                         (None, "embed"))
+        self.image_column_embedding = table("image_column_embedding", (cfg.image_width, d),
+                                            (None, "embed"))
         block = Block
-        if cfg.remat_policy != "none" and mode != "decode":
-            block = nn.remat(Block, policy=step_lib.remat_policy(cfg.remat_policy),
+        if cfg.remat_policy != "none":  # remat wraps __call__ only: decode runs as is
+            block = nn.remat(Block, policy=remat_lib.policy(cfg.remat_policy),
                              prevent_cse=False)
-        if mode == "decode":
-            new_cache = []
-            for i, kind in enumerate(cfg.schedule):
-                x, layer_cache = Block(cfg, mode, kind, name=f"layer_{i}")(
-                    x, cache[i], a)
-                new_cache.append(layer_cache)
-            new_cache = tuple(new_cache)
-        elif not cfg.scan_layers:
-            masks, kinds = cfg.mask_table()
-            masks = jnp.asarray(masks)
-            caches = []
-            for i in range(cfg.num_layers):
-                x, layer_cache = block(cfg, mode, name=f"layer_{i}")(x, int(kinds[i]), masks)
-                caches.append(layer_cache)
-            new_cache = (tuple(jnp.stack(c) for c in zip(*caches)) if mode == "prefill"
-                         else None)
-        else:
-            stack = nn.scan(
+        if cfg.scan_layers:
+            self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(0, nn.broadcast), length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"})
-            masks, kinds = cfg.mask_table()
-            x, new_cache = stack(cfg, mode, name="layers")(x, jnp.asarray(kinds),
-                                                          jnp.asarray(masks))
-        x = _layer_norm(cfg.dtype, "ln_final")(x).astype(jnp.float32)
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        # Named layer_0 … layer_{n−1}: the unscanned stack, and the layers that a decode
+        # step runs whether or not the model scans (decode_params).
+        self.layer = [block(cfg) for _ in range(cfg.num_layers)]
+        self.ln_final = _layer_norm(cfg.dtype)
+        self.text_head = _Projection((d,), (cfg.text_vocab_size,), ("embed",), ("vocab",),
+                                     jnp.float32)
+        self.image_head = _Projection((d,), (cfg.image_vocab_size,), ("embed",), ("vocab",),
+                                      jnp.float32)
 
-        image_head = _Projection((d,), (cfg.image_vocab_size,), ("embed",), ("vocab",),
-                                 jnp.float32, name="image_head")
-        if mode == "decode":
-            return image_head(x[:, 0]), new_cache
-        text_head = _Projection((d,), (cfg.text_vocab_size,), ("embed",), ("vocab",),
-                                jnp.float32, name="text_head")
-        text_logits = text_head(x[:, :cfg.text_len - 1])
-        image_logits = image_head(x[:, cfg.text_len:])
-        if mode == "prefill":
-            return text_logits, image_logits, new_cache
-        return text_logits, image_logits
+    # --- training --------------------------------------------------------------------
+
+    def __call__(self, text: jax.Array, image: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``text`` int [B, text_len] and ``image`` int [B, n] (the first n ≤ h·w image
+        tokens, or [B, h, w]) → (text logits [B, text_len − 1, text_vocab] predicting
+        text tokens 1 …, image logits [B, n, image_vocab] predicting image tokens
+        0 … n − 1)."""
+        x, _ = self._layers(self._embed_stream(text, image))
+        return self._heads(x)
+
+    def prefill(self, text: jax.Array, image: jax.Array):
+        """:meth:`__call__` that also returns the cache: (text logits, image logits,
+        (keys, values) each [layers, B, heads, text_len + n, head_dim])."""
+        x, cache = self._layers(self._embed_stream(text, image))
+        return (*self._heads(x), cache)
+
+    def _image_position_embedding(self, a):
+        w = self.config.image_width
+        return (jnp.take(self.image_row_embedding, a // w, axis=0)
+                + jnp.take(self.image_column_embedding, a % w, axis=0))
+
+    def _embed_stream(self, text, image):
+        cfg = self.config
+        if text.shape[-1] != cfg.text_len:
+            raise ValueError(f"text must have {cfg.text_len} tokens per row; "
+                             f"got shape {text.shape}")
+        image = image.reshape(image.shape[0], -1)
+        n = image.shape[1]
+        if n > cfg.image_len:
+            raise ValueError(f"at most {cfg.image_len} image tokens; got {n}")
+        text_x = jnp.where((text == cfg.pad_id)[..., None], self.text_pad_embedding[None],
+                           jnp.take(self.text_embedding, text, axis=0))
+        text_x = text_x + self.text_position_embedding[None]
+        inputs = jnp.take(self.image_embedding, image[:, :max(n - 1, 0)], axis=0)
+        start = jnp.broadcast_to(self.start_of_image_embedding[None],
+                                 (image.shape[0], 1, cfg.d_model))
+        image_x = jnp.concatenate([start, inputs], axis=1)[:, :n]
+        image_x = image_x + self._image_position_embedding(jnp.arange(n))[None]
+        x = jnp.concatenate([text_x, image_x], axis=1)
+        return nn.with_logical_constraint(x.astype(cfg.dtype), ("batch", "length", "embed"))
+
+    def _layers(self, x):
+        masks, kinds = self.config.mask_table()
+        masks = jnp.asarray(masks)
+        if self.config.scan_layers:
+            return self.layers(x, jnp.asarray(kinds), masks)
+        caches = []
+        for layer, kind in zip(self.layer, kinds):
+            x, cache = layer(x, int(kind), masks)
+            caches.append(cache)
+        return x, tuple(jnp.stack(c) for c in zip(*caches))
+
+    def _heads(self, x):
+        x = self.ln_final(x).astype(jnp.float32)
+        text_len = self.config.text_len
+        return self.text_head(x[:, :text_len - 1]), self.image_head(x[:, text_len:])
+
+    # --- sampling --------------------------------------------------------------------
+
+    def decode(self, token: jax.Array, cache: DecodeCache, position: jax.Array | int):
+        """One decode step: ``token`` int [B], the image token before image position
+        ``position`` (ignored at position 0, whose input is the start-of-image vector),
+        and the cache of :func:`decode_cache`. Returns (image logits [B, image_vocab],
+        the cache with this position's keys and values).
+
+        Parameters (:func:`decode_params`): the embedding tables, ``ln_final``,
+        ``image_head`` and one entry per layer, ``layer_0`` … ``layer_{n−1}``, each one
+        :class:`Block`'s own arrays —
+
+            ln_attn, ln_mlp      scale, bias [d]
+            query, key, value    kernel [d, heads, head_dim], bias [heads, head_dim]
+            out                  kernel [heads, head_dim, d], bias [d]
+            mlp_in               kernel [d, mlp_ratio·d], bias [mlp_ratio·d]
+            mlp_out              kernel [mlp_ratio·d, d], bias [d]
+
+        — so each step reads a layer's weights in place instead of slicing the scanned
+        ``layers`` stack; ``text_head`` is not read.
+        """
+        cfg = self.config
+        a = jnp.asarray(position, jnp.int32)
+        previous = jnp.take(self.image_embedding,
+                            jnp.clip(token, 0, cfg.image_vocab_size - 1), axis=0)
+        x = jnp.where(a == 0, self.start_of_image_embedding[0][None, :], previous)
+        x = (x + self._image_position_embedding(a)[None, :])[:, None, :]
+        x = nn.with_logical_constraint(x.astype(cfg.dtype), ("batch", "length", "embed"))
+        new_cache = []
+        for layer, kind, layer_cache in zip(self.layer, cfg.schedule, cache):
+            x, layer_cache = layer.decode(x, layer_cache, a, kind)
+            new_cache.append(layer_cache)
+        x = self.ln_final(x).astype(jnp.float32)
+        return self.image_head(x[:, 0]), tuple(new_cache)
 
 
 def decode_params(params, config: TransformerConfig):

@@ -105,7 +105,7 @@ def sample_cached(model: transformer_lib.Transformer, params, text: jax.Array,
     variables = {"params": params}
     stream = _with_unconditional(text, settings, cfg.pad_id)
     prefix = _twice(prime[:, :prime_positions], settings)
-    _, _, cache = model.apply(variables, stream, prefix, mode="prefill")
+    _, _, cache = model.apply(variables, stream, prefix, method="prefill")
     cache = transformer_lib.decode_cache(cache, cfg)
     decode_variables = {"params": transformer_lib.decode_params(params, cfg)}
     codes = jnp.where(jnp.arange(cfg.image_len) < prime_positions, prime, 0).astype(jnp.int32)
@@ -113,8 +113,8 @@ def sample_cached(model: transformer_lib.Transformer, params, text: jax.Array,
     def body(a, carry):
         codes, cache = carry
         previous = jax.lax.dynamic_index_in_dim(codes, jnp.maximum(a - 1, 0), 1, False)
-        logits, cache = model.apply(decode_variables, None, _twice(previous, settings),
-                                    mode="decode", cache=cache, position=a)
+        logits, cache = model.apply(decode_variables, _twice(previous, settings), cache, a,
+                                    method="decode")
         token = _draw(_guide(logits, settings, rows), rng, a, settings)
         codes = jax.lax.dynamic_update_index_in_dim(codes, token, a, 1)
         return codes, cache
@@ -195,7 +195,7 @@ class Sampler:
     def _batch_shards(self) -> int:
         if self.mesh is None:
             return 1
-        return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")
+        return int(np.prod([self.mesh.shape[a] for a in sharding_lib.BATCH_AXES
                             if a in self.mesh.shape]))
 
     def sample(self, text_tokens: Any, *, seed: int | jax.Array = 0, num_samples: int = 1,

@@ -11,11 +11,14 @@ Optionally (``stage1.marginal_kl_weight``, 0 in the paper's configs) the dVAE al
 for the KL from the batch's mean code distribution to the uniform one, weighted per
 grid position like the paper's KL. Early in a short run every position tends to settle
 on the same certain code; this term makes that costly without asking any one position
-to be uncertain (BENCHMARKS.md, "Stage 1: quality on captioned shapes").
+to be uncertain (docs/experiments/stage1.md, "Stage 1: quality on captioned shapes").
 
 VQ-VAE: the same backbone with the encoder's last layer producing ``code_dim``
-features, snapped to an EMA codebook (:mod:`dalle_jax.models.vq`), a commitment loss
+features, snapped to an EMA codebook (:mod:`dalle_jax.models.vqvae`), a commitment loss
 weighted 0.25 and a logit-Laplace or MSE reconstruction loss.
+
+The models themselves are in :mod:`dalle_jax.models.image_tokenizers`; loading a
+trained run for inference is :mod:`dalle_jax.inference.image_tokenizer`.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import numpy as np
 
 from dalle_jax.data import pipeline as pipeline_lib
 from dalle_jax.models import dvae as dvae_lib
-from dalle_jax.models import vq as vq_lib
+from dalle_jax.models import image_tokenizers
 
 
 def cosine_anneal(step, start: float, end: float, steps: int) -> jax.Array:
@@ -46,74 +49,6 @@ def logit_laplace_nll(stats: jax.Array, x_mapped: jax.Array) -> jax.Array:
     logit_x = jnp.log(x_mapped) - jnp.log1p(-x_mapped)
     return (jnp.abs(logit_x - mu) * jnp.exp(-log_b) + log_b + jnp.log(2.0)
             + jnp.log(x_mapped) + jnp.log1p(-x_mapped))
-
-
-def reconstruction(stats: jax.Array) -> jax.Array:
-    """Pixels in [0, 1] from the decoder's statistics: unmap(sigmoid(μ))."""
-    return dvae_lib.unmap_pixels(jax.nn.sigmoid(stats[..., :stats.shape[-1] // 2]))
-
-
-class ImageTokenizer(nn.Module):
-    """Encoder, discretisation and decoder of either kind."""
-
-    kind: str  # "dvae" | "vqvae"
-    vocab_size: int
-    n_hid: int
-    n_blk_per_group: int
-    group_count: int
-    n_init: int
-    code_dim: int = 64  # vqvae
-    vq_decay: float = 0.99
-    vq_restart_threshold: float = 1.0
-    vq_normalize: bool = False
-    straight_through: bool = False  # dvae: hard one-hot forward, relaxed gradients
-    dtype: Any = jnp.float32
-
-    def setup(self):
-        if self.kind not in ("dvae", "vqvae"):
-            raise ValueError(f"model.kind must be dvae or vqvae, got {self.kind!r}")
-        encoder_out = self.vocab_size if self.kind == "dvae" else self.code_dim
-        self.encoder = dvae_lib.Encoder(self.n_hid, self.n_blk_per_group, self.group_count,
-                                        encoder_out, dtype=self.dtype)
-        self.decoder = dvae_lib.Decoder(self.n_init, self.n_hid, self.n_blk_per_group,
-                                        self.group_count, 3, dtype=self.dtype)
-        if self.kind == "vqvae":
-            self.quantizer = vq_lib.VectorQuantizer(
-                self.vocab_size, self.code_dim, decay=self.vq_decay,
-                restart_threshold=self.vq_restart_threshold, normalize=self.vq_normalize)
-
-    def encode(self, x_mapped: jax.Array) -> jax.Array:
-        """Codes int32 [B, h, w] (argmax of logits / nearest codebook entry)."""
-        z = self.encoder(x_mapped)
-        if self.kind == "dvae":
-            return jnp.argmax(z, -1).astype(jnp.int32)
-        return self.quantizer.codes(z)
-
-    def decode(self, codes: jax.Array) -> jax.Array:
-        """Decoder statistics [B, H, W, 6] of int codes [B, h, w]."""
-        if self.kind == "dvae":
-            return self.decoder(jax.nn.one_hot(codes, self.vocab_size, dtype=self.dtype))
-        return self.decoder(self.quantizer.lookup(codes))
-
-    def __call__(self, x_mapped: jax.Array, *, train: bool,
-                 temperature: jax.Array | float = 1.0):
-        """Returns (decoder statistics, codes, aux) with ``aux`` holding the dVAE's
-        logits or the VQ statistics."""
-        z = self.encoder(x_mapped)
-        if self.kind == "dvae":
-            codes = jnp.argmax(z, -1).astype(jnp.int32)
-            if train:
-                gumbel = jax.random.gumbel(self.make_rng("gumbel"), z.shape, jnp.float32)
-                relaxed = jax.nn.softmax((z + gumbel) / temperature, axis=-1)
-                if self.straight_through:
-                    hard = jax.nn.one_hot(jnp.argmax(z + gumbel, -1), self.vocab_size,
-                                          dtype=jnp.float32)
-                    relaxed = hard + relaxed - jax.lax.stop_gradient(relaxed)
-            else:
-                relaxed = jax.nn.one_hot(codes, self.vocab_size, dtype=jnp.float32)
-            return self.decoder(relaxed.astype(self.dtype)), codes, {"logits": z}
-        quantized, codes, stats = self.quantizer(z, train=train)
-        return self.decoder(quantized.astype(self.dtype)), codes, stats
 
 
 def _per_example_mean(x: jax.Array) -> jax.Array:
@@ -150,14 +85,7 @@ class ImageTokenizerTask:
         self.config = config
         self.workdir = workdir
         m = config.model
-        self.model = ImageTokenizer(
-            kind=m.kind, vocab_size=m.vocab_size, n_hid=m.n_hid,
-            n_blk_per_group=m.n_blk_per_group, group_count=m.group_count, n_init=m.n_init,
-            code_dim=m.code_dim, vq_decay=m.vq_decay,
-            vq_restart_threshold=m.vq_restart_threshold,
-            vq_normalize=m.get("vq_normalize", False),
-            straight_through=config.stage1.get("straight_through", False),
-            dtype=jnp.dtype(config.train.compute_dtype))
+        self.model = image_tokenizers.from_config(m, jnp.dtype(config.train.compute_dtype))
         size = config.data.image_size
         factor = dvae_lib.downsample_factor(m.group_count)
         if size % factor:
@@ -177,10 +105,7 @@ class ImageTokenizerTask:
         return float(cost.get("flops", 0.0)) if cost else 0.0
 
     def init(self, rng):
-        params_rng, vq_rng = jax.random.split(rng)
-        images = jnp.zeros((1,) + self.image_shape, jnp.float32)
-        return self.model.init({"params": params_rng, "vq": vq_rng, "gumbel": vq_rng},
-                               images, train=False)
+        return init_variables(self.model, self.config.data.image_size, rng)
 
     def loss(self, params, model_state, batch, rng, *, train: bool, step):
         s = self.config.stage1
@@ -202,7 +127,7 @@ class ImageTokenizerTask:
                 variables, x_mapped, train=train, temperature=temperature, rngs=rngs)
             new_state = model_state
 
-        recon = reconstruction(stats)
+        recon = dvae_lib.reconstruction(stats)
         mse = _per_example_mean((recon - x) ** 2)
         metrics = {
             "recon_mse": jnp.sum(mse * weights) / num_real,
@@ -227,7 +152,7 @@ class ImageTokenizerTask:
             # A batch term, charged to every real example per grid position like the KL
             # above, so the mean over real examples adds it once.
             positions = math.prod(log_q.shape[1:3])
-            per_example = per_example + (s.get("marginal_kl_weight", 0.0) * positions
+            per_example = per_example + (s.marginal_kl_weight * positions
                                          * marginal_kl / pixels)
         else:
             per_example = per_example + s.commitment_weight * aux["commitment"]
@@ -252,8 +177,17 @@ class ImageTokenizerTask:
         variables = {"params": params, **model_state}
         stats = self.model.apply(variables, dvae_lib.map_pixels(
             jnp.asarray(images, jnp.float32) / 255.0), train=False)[0]
-        recon = np.asarray(jnp.round(reconstruction(stats) * 255.0)).astype(np.uint8)
+        recon = np.asarray(jnp.round(dvae_lib.reconstruction(stats) * 255.0)).astype(np.uint8)
         return {"reconstructions": np.concatenate([images, recon])}
+
+
+def init_variables(model: nn.Module, image_size: int, rng: jax.Array) -> dict[str, Any]:
+    """The variables of a stage-1 ``model`` for ``image_size`` images: ``params`` and,
+    for the VQ-VAE, the ``vq`` codebook collection (with logical partitioning boxes)."""
+    params_rng, vq_rng = jax.random.split(rng)
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return model.init({"params": params_rng, "vq": vq_rng, "gumbel": vq_rng}, images,
+                      train=False)
 
 
 def make_task(config, workdir, mesh):

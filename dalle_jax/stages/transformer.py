@@ -23,7 +23,8 @@ import optax
 
 from dalle_jax import visualize
 from dalle_jax.data import pipeline as pipeline_lib
-from dalle_jax.data import tokenizer as tokenizer_lib
+from dalle_jax.data import sources as sources_lib
+from dalle_jax.data import text_tokenizer
 from dalle_jax.models import transformer as transformer_lib
 from dalle_jax.sampling import sampler as sampler_lib
 
@@ -32,6 +33,11 @@ def model_config(config) -> transformer_lib.TransformerConfig:
     """The transformer's config from a run config (``config.model``, ``config.text``)."""
     m = config.model
     attention = m.attention if isinstance(m.attention, str) else tuple(m.attention)
+    if "conv_mask" not in m:  # the config of a run made before the option existed
+        raise ValueError(
+            "config.model has no conv_mask: runs configured before it existed trained "
+            "their convolutional layer with conv_mask='wrap_columns'; load them with a "
+            "config that sets it")
     return transformer_lib.TransformerConfig(
         text_vocab_size=config.text.vocab_size,
         text_len=config.text.text_len,
@@ -44,15 +50,16 @@ def model_config(config) -> transformer_lib.TransformerConfig:
         mlp_ratio=m.mlp_ratio,
         attention=attention,
         conv_kernel=m.conv_kernel,
-        pad_id=tokenizer_lib.PAD_ID,
+        conv_mask=m.conv_mask,
+        pad_id=text_tokenizer.PAD_ID,
         dtype=jnp.dtype(config.train.compute_dtype),
         remat_policy=config.train.remat_policy,
-        scan_layers=m.get("scan_layers", True))
+        scan_layers=m.scan_layers)
 
 
 def sequence_loss(text_logits: jax.Array, image_logits: jax.Array, text: jax.Array,
                   codes: jax.Array, weights: jax.Array, *, text_weight: float,
-                  image_weight: float, pad_id: int = tokenizer_lib.PAD_ID
+                  image_weight: float, pad_id: int = text_tokenizer.PAD_ID
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted two-kind loss and its parts.
 
@@ -105,6 +112,9 @@ class _Encoding:
     def set_state(self, state):
         self.inner.set_state(state)
 
+    def close(self):
+        self.inner.close()
+
 
 class TransformerTask:
     """The training core's view of stage 2."""
@@ -152,10 +162,12 @@ class TransformerTask:
                              f"config.model.image_vocab_size is {cfg.image_vocab_size}")
 
     @property
-    def tokenizer(self) -> tokenizer_lib.Tokenizer:
+    def text_tokenizer(self) -> text_tokenizer.TextTokenizer:
         if self._tokenizer is None:
-            self._tokenizer = tokenizer_lib.train_for_run(self.config, self.workdir,
-                                                          progress=False)
+            captions = sources_lib.iter_captions(
+                sources_lib.make_source(self.config.data, "train"))
+            self._tokenizer = text_tokenizer.train_or_load_text_tokenizer(
+                self.config.text, self.workdir, captions, progress=False)
             if self._tokenizer.vocab_size > self.model_config.text_vocab_size:
                 raise ValueError(
                     f"the tokenizer has {self._tokenizer.vocab_size} pieces but the model's "
@@ -166,7 +178,7 @@ class TransformerTask:
     def image_tokenizer(self):
         """The frozen stage-1 run (for on-the-fly encoding and sample summaries), or None."""
         if self._image_tokenizer is None and self.config.stage2.image_tokenizer:
-            from dalle_jax.stages.tokenizer_io import ImageTokenizerRun  # pylint: disable=g-import-not-at-top
+            from dalle_jax.inference.image_tokenizer import ImageTokenizerRun  # pylint: disable=g-import-not-at-top
             self._image_tokenizer = ImageTokenizerRun.load(self.config.stage2.image_tokenizer)
             cfg = self.model_config
             if (self._image_tokenizer.grid_size != cfg.image_height
@@ -181,9 +193,7 @@ class TransformerTask:
     # --- Task ---------------------------------------------------------------------------
 
     def init(self, rng):
-        cfg = self.model_config
-        return self.model.init(rng, jnp.zeros((1, cfg.text_len), jnp.int32),
-                               jnp.zeros((1, cfg.image_len), jnp.int32))
+        return init_variables(self.model, rng)
 
     def loss(self, params, model_state, batch, rng, *, train: bool, step):
         del rng, train, step
@@ -199,7 +209,8 @@ class TransformerTask:
 
     def _pipeline(self, split: str, train: bool):
         pipeline = pipeline_lib.make_pipeline(
-            self.config, split, train=train, tokenizer=self.tokenizer, with_captions=True,
+            self.config, split, train=train, text_tokenizer=self.text_tokenizer,
+            with_captions=True,
             caption_dropout=self.config.stage2.caption_dropout if train else 0.0)
         if self.config.data.source != "codes":
             return _Encoding(pipeline, self.image_tokenizer)
@@ -229,6 +240,13 @@ class TransformerTask:
         labels = [c or "(no caption)" for c in captions for _ in range(s.summary_samples)]
         grid = visualize.captioned_grid(list(images), labels, cols=s.summary_samples)
         return {"samples": grid}
+
+
+def init_variables(model: transformer_lib.Transformer, rng: jax.Array) -> dict[str, Any]:
+    """The transformer's variables (with logical partitioning boxes)."""
+    cfg = model.config
+    return model.init(rng, jnp.zeros((1, cfg.text_len), jnp.int32),
+                      jnp.zeros((1, cfg.image_len), jnp.int32))
 
 
 def make_task(config, workdir, mesh):

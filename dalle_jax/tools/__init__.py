@@ -3,3 +3,30 @@ import os
 
 # tf.data is the only TensorFlow here; keep its start-up quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# The top-level config fields each job reads, checked before it starts so that a config
+# meant for another job stops with one line instead of failing half-way (a data-only
+# input config passed to the trainer, say). Kept free of imports: the check runs while
+# the flags are parsed.
+CONFIG_FIELDS = {
+    "train": ("task", "data", "model", "optimizer", "train", "checkpoint"),
+    "train_text_tokenizer": ("data", "text"),
+    "demo": ("data", "text", "demo"),
+    "eval_image_tokenizer": ("data", "model", "stage1"),
+    "encode_dataset": ("data", "model", "encode"),
+    "convert_images": ("input_dir", "manifest", "output_dir"),
+    "convert_openai_dvae": ("encoder_pkl", "decoder_pkl", "output_dir", "model"),
+    "bench": ("runlocal", "known_gap"),
+}
+
+# What to suggest when a config lacks those fields.
+CONFIG_KINDS = {
+    "train": "a stage config (configs/image_tokenizer_*.py, configs/transformer_*.py)",
+    "train_text_tokenizer": "an input config (configs/input_*.py) or a stage config",
+    "demo": "an input config (configs/input_*.py)",
+    "eval_image_tokenizer": "a stage-1 config (configs/image_tokenizer_*.py)",
+    "encode_dataset": "a stage-1 config (configs/image_tokenizer_*.py)",
+    "convert_images": "configs/convert_images.py",
+    "convert_openai_dvae": "configs/image_tokenizer_openai.py",
+    "bench": "a benchmark config (configs/bench_*.py)",
+}

@@ -1,6 +1,6 @@
 r"""Converts OpenAI's released dVAE pickles into an orbax checkpoint of this project.
 
-  python -m dalle_jax.tools.convert_openai_dvae --config=configs/dvae_openai.py \
+  python -m dalle_jax.tools.convert_openai_dvae --config=configs/image_tokenizer_openai.py \
       --config.encoder_pkl=encoder.pkl --config.decoder_pkl=decoder.pkl \
       --config.output_dir=runs/openai_dvae
 

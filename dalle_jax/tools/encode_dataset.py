@@ -1,6 +1,6 @@
 r"""Encodes a dataset into code shards with a trained stage-1 tokenizer.
 
-  python -m dalle_jax.tools.encode_dataset --config=configs/tokenizer_shapes.py \
+  python -m dalle_jax.tools.encode_dataset --config=configs/image_tokenizer_shapes.py \
       --workdir=runs/dvae_shapes --config.encode.output_dir=runs/dvae_shapes/codes
 
 Every input shard of each split becomes one code shard (see
@@ -11,8 +11,9 @@ renamed when complete, so an interrupted job leaves no partial shard.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+from typing import Iterator
 
 from absl import app, flags
 from etils import epath
@@ -23,16 +24,17 @@ import tensorflow as tf
 import tqdm
 
 from dalle_jax import config as config_lib
-from dalle_jax import files
 from dalle_jax.data import code_records
 from dalle_jax.data import pipeline as pipeline_lib
+from dalle_jax.data import sources
 from dalle_jax.train import distributed
 
 config_lib.define_flags()
 distributed.define_flags()
 
 
-def _examples(source, path: str, image_size: int, preprocess: str, batch_size: int):
+def _examples(source, path: str, image_size: int, preprocess: str,
+              batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Batches of (image, caption, id) of one record file, in file order."""
     def prepare(record):
         example = pipeline_lib.prepare_example(
@@ -40,38 +42,46 @@ def _examples(source, path: str, image_size: int, preprocess: str, batch_size: i
         return {key: example[key] for key in ("image", "caption", "id")}
 
     dataset = tf.data.TFRecordDataset(path).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.batch(batch_size).prefetch(2).as_numpy_iterator()
+    iterator = dataset.batch(batch_size).prefetch(2).as_numpy_iterator()
+    try:
+        yield from iterator
+    finally:
+        del iterator  # closing the generator releases the tf.data iterator at once
+
+
+def _code_records(tokenizer, batches, batch_size: int) -> Iterator[bytes]:
+    """Serialized code records of ``batches``, in order."""
+    for batch in batches:
+        real = len(batch["image"])
+        images = batch["image"]
+        if real < batch_size:  # one compiled shape for every batch
+            images = np.concatenate([images, np.zeros(
+                (batch_size - real,) + images.shape[1:], images.dtype)])
+        codes = tokenizer.encode(images)[:real]
+        for grid, caption, ident in zip(codes, batch["caption"], batch["id"]):
+            yield code_records.encode_record(grid, caption, ident)
 
 
 def encode_split(tokenizer, config, split: str, output_dir: str, *, batch_size: int,
                  process_index: int = 0, process_count: int = 1,
                  progress: bool = True) -> list[dict]:
     """Encodes this process's shards of ``split``; returns every shard's entry."""
-    source = pipeline_lib.make_source(config.data, split)
+    source = sources.make_source(config.data, split)
     inputs = sorted(source.files())
-    output = epath.Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
     name = config.data.name
     entries = [{"file": code_records.shard_name(name, split, i, len(inputs)),
                 "num_examples": count} for i, (_, count) in enumerate(inputs)]
     mine = [i for i in range(len(inputs)) if i % process_count == process_index]
     for i in tqdm.tqdm(mine, desc=f"{name}:{split}", unit=" shards", disable=not progress):
-        final = output / entries[i]["file"]
-        if final.exists():
+        file_name = entries[i]["file"]
+        if code_records.shard_exists(output_dir, file_name):
             continue  # finished by an earlier run
-        tmp = output / f".{entries[i]['file']}.tmp-{process_index}"
-        with tf.io.TFRecordWriter(str(tmp)) as writer:
-            for batch in _examples(source, inputs[i][0], config.data.image_size,
-                                   config.data.preprocess, batch_size):
-                real = len(batch["image"])
-                images = batch["image"]
-                if real < batch_size:  # one compiled shape for every batch
-                    images = np.concatenate([images, np.zeros(
-                        (batch_size - real,) + images.shape[1:], images.dtype)])
-                codes = tokenizer.encode(images)[:real]
-                for grid, caption, ident in zip(codes, batch["caption"], batch["id"]):
-                    writer.write(code_records.encode_record(grid, caption, ident))
-        tmp.replace(final)
+        with contextlib.closing(_examples(source, inputs[i][0], config.data.image_size,
+                                          config.data.preprocess, batch_size)) as batches:
+            code_records.write_shard(output_dir, file_name,
+                                     _code_records(tokenizer, batches, batch_size),
+                                     writer_token=str(process_index))
     return entries
 
 
@@ -83,11 +93,11 @@ def main(argv):
     if not config.encode.output_dir:
         raise app.UsageError("set --config.encode.output_dir")
     distributed.initialize_from_flags()
-    from dalle_jax.stages.tokenizer_io import ImageTokenizerRun  # pylint: disable=g-import-not-at-top
+    from dalle_jax.inference.image_tokenizer import ImageTokenizerRun  # pylint: disable=g-import-not-at-top
     tokenizer = ImageTokenizerRun.load(workdir, config)
     if config.encode.batch_size % jax.local_device_count():
         raise app.UsageError("config.encode.batch_size must split over the local devices")
-    chunk = config.encode.get("chunk_size", 0)
+    chunk = config.encode.chunk_size
     per_device = config.encode.batch_size // jax.local_device_count()
     if chunk > 0 and chunk < per_device and per_device % chunk:
         raise app.UsageError(f"config.encode.chunk_size {chunk} must divide the "
@@ -101,15 +111,11 @@ def main(argv):
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"encoded {split}")
         if jax.process_index() == 0:
-            metadata = {"name": config.data.name, "split": split, "shards": entries,
-                        "num_examples": sum(e["num_examples"] for e in entries),
-                        "code_shape": [tokenizer.grid_size, tokenizer.grid_size],
-                        "vocab_size": tokenizer.vocab_size,
-                        "tokenizer_run": str(workdir), "tokenizer_step": tokenizer.step}
-            files.atomic_write(
-                epath.Path(config.encode.output_dir)
-                / code_records.metadata_name(config.data.name, split),
-                json.dumps(metadata, indent=2))
+            metadata = code_records.write_metadata(
+                config.encode.output_dir, config.data.name, split, shards=entries,
+                code_shape=[tokenizer.grid_size, tokenizer.grid_size],
+                vocab_size=tokenizer.vocab_size,
+                tokenizer_run=str(workdir), tokenizer_step=tokenizer.step)
             print(f"{split}: {metadata['num_examples']} examples in {len(entries)} shards")
 
 

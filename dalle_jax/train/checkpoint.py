@@ -98,6 +98,23 @@ class Checkpointer:
                       if len(processes) == jax.process_count() else None)
         return restored.state, data_state, step
 
+    def restore_parts(self, abstract_parts: Mapping[str, Any], step: int | None = None
+                      ) -> tuple[dict[str, Any], int]:
+        """Restores only some fields of the saved train state, e.g. ``{"ema_params": ...,
+        "model_state": ...}`` (ShapeDtypeStructs with shardings): the other arrays
+        (optimizer moments and the like) are not read. For inference."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        abstract_parts = dict(abstract_parts)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=abstract_parts,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_parts),
+                partial_restore=True)))
+        return dict(restored.state), step
+
     def reached_preemption(self, step: int) -> bool:
         """Whether all processes agreed to stop at ``step`` (TPU/multi-host preemption)."""
         return self._manager.reached_preemption(step)

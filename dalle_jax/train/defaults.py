@@ -25,7 +25,9 @@ DEFAULT_RULES = (
 
 def core_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.task = ""  # module with make_task(config, workdir), e.g. dalle_jax.tasks.dvae
+    # The stage: a module with make_task(config, workdir, mesh), such as
+    # dalle_jax.stages.image_tokenizer.
+    config.task = ""
     config.seed = 0
     config.batch_size = 64  # global, over all processes
     config.total_steps = 1_000

@@ -12,7 +12,7 @@ mesh shape and the table, never in model code:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -94,6 +94,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a batch: leading dimension over the mesh's batch axes."""
     return NamedSharding(mesh, PartitionSpec(tuple(a for a in BATCH_AXES
                                                    if a in mesh.axis_names)))
+
+
+def batch_shard_count(mesh: Mesh) -> int:
+    """Into how many parts :func:`batch_sharding` splits a batch."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def make_global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Turns a per-process batch into global ``jax.Array``s laid out as
+    :func:`batch_sharding`.
+
+    Every process passes its own rows; the leading dimension of each result is the
+    global batch. Non-numeric entries (captions) are left out.
+    """
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v)
+            for k, v in batch.items() if v.dtype != object}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -15,22 +15,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dalle_jax.models import remat as remat_lib
 from dalle_jax.train import sharding as sharding_lib
 
-REMAT_POLICIES = {
-    "none": None,  # no rematerialisation
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "everything": jax.checkpoint_policies.everything_saveable,
-}
-
-
-def remat_policy(name: str):
-    """A ``jax.checkpoint`` policy by config name (``"none"`` means do not remat)."""
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"remat policy must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
-    return REMAT_POLICIES[name]
+# The policies live with the models that use them; tasks may still read them here.
+REMAT_POLICIES = remat_lib.POLICIES
+remat_policy = remat_lib.policy
 
 
 @flax.struct.dataclass

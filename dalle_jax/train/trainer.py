@@ -1,4 +1,4 @@
-"""The training loop shared by every stage (dVAE, VQ-VAE, transformer, reranker).
+"""The training loop shared by every stage (dVAE, VQ-VAE, transformer).
 
 A stage supplies a :class:`Task`: its model's initialiser, its loss, its data and,
 optionally, its FLOPs per example and image summaries. Everything else happens here,
@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax import config as config_lib
-from dalle_jax.data import pipeline as pipeline_lib
 from dalle_jax.train import checkpoint as checkpoint_lib
 from dalle_jax.train import distributed
 from dalle_jax.train import metrics as metrics_lib
@@ -38,6 +37,19 @@ class DataIterator(Protocol):
     def __next__(self) -> dict[str, np.ndarray]: ...
     def get_state(self) -> dict[str, Any]: ...
     def set_state(self, state: Mapping[str, Any]) -> None: ...
+    def close(self) -> None:
+        """Releases the iterator's resources (threads of a tf.data iterator)."""
+
+
+def close_data(data) -> None:
+    """Closes a task's data iterator, if it holds anything to release.
+
+    No tf.data iterator may outlive the run: one torn down during interpreter
+    shutdown can wait forever on its worker threads.
+    """
+    close = getattr(data, "close", None)
+    if close is not None:
+        close()
 
 
 class Task(Protocol):
@@ -69,7 +81,8 @@ class Task(Protocol):
 def load_task(config, workdir: str, mesh) -> Task:
     """Imports ``config.task`` and calls its ``make_task(config, workdir, mesh)``."""
     if not config.task:
-        raise ValueError("config.task names the stage's module, e.g. dalle_jax.tasks.dvae")
+        raise ValueError("config.task names the stage's module, e.g. "
+                         "dalle_jax.stages.image_tokenizer")
     module = importlib.import_module(config.task)
     return module.make_task(config, workdir, mesh)
 
@@ -94,10 +107,10 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
     mesh = sharding_lib.make_mesh(config.mesh, devices)
     rules = sharding_lib.logical_rules(config.sharding)
     logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
-    if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    if config.batch_size % sharding_lib.batch_shard_count(mesh):
         raise ValueError(
-            f"batch_size {config.batch_size} does not split over the batch axes "
-            f"(data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']})")
+            f"batch_size {config.batch_size} does not split over the batch axes ("
+            + " x ".join(f"{a} {mesh.shape[a]}" for a in sharding_lib.BATCH_AXES) + ")")
 
     # ---------------------------------------------------------------- input
     if task is None:
@@ -179,7 +192,7 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
         while step < config.total_steps:
             profiler.step(step)
             batch = next(train_data)
-            device_batch = pipeline_lib.make_global_batch(batch, mesh)
+            device_batch = sharding_lib.make_global_batch(batch, mesh)
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
                 state, step_metrics = training.train_step(state, device_batch, base_rng)
             step += 1
@@ -194,8 +207,9 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
                 console(f"preempted: saved step {step}, stopping")
                 return state
             if config.train.summary_every and step % config.train.summary_every == 0:
-                writer.write_images(step, task.summaries(state.params, state.model_state,
-                                                         batch))
+                # The parameters evaluation uses: the EMA when the run keeps one.
+                params = state.ema_params if state.ema_params is not None else state.params
+                writer.write_images(step, task.summaries(params, state.model_state, batch))
             if config.train.eval_every and step % config.train.eval_every == 0:
                 evaluate(task, state, training, mesh, rules, writer, step, console)
         handle(fetcher.flush())
@@ -203,6 +217,8 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
             checkpointer.save(step, state, train_data.get_state(), force=True)
         evaluate(task, state, training, mesh, rules, writer, step, console)
     finally:
+        # Pipelines build their tf.data iterator on the first batch, so this covers it.
+        close_data(train_data)
         profiler.close()
         checkpointer.wait_until_finished()
         checkpointer.close()
@@ -219,15 +235,18 @@ def evaluate(task: Task, state, training: "Training", mesh, rules, writer, step:
     params = state.ema_params if state.ema_params is not None else state.params
     totals: dict[str, float] = {}
     count = 0.0
-    for batch in data:
-        device_batch = pipeline_lib.make_global_batch(batch, mesh)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            loss, metrics = training.eval_step(params, state.model_state, device_batch,
-                                               state.step)
-        rows = float(jnp.sum(device_batch["mask"]))  # real rows of the global batch
-        for key, value in {"loss": loss, **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * rows
-        count += rows
+    try:
+        for batch in data:
+            device_batch = sharding_lib.make_global_batch(batch, mesh)
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                loss, metrics = training.eval_step(params, state.model_state, device_batch,
+                                                   state.step)
+            rows = float(jnp.sum(device_batch["mask"]))  # real rows of the global batch
+            for key, value in {"loss": loss, **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * rows
+            count += rows
+    finally:
+        close_data(data)
     results = {k: v / max(count, 1.0) for k, v in totals.items()}
     writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
     console(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))

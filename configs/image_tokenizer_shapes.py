@@ -1,14 +1,14 @@
 r"""Stage 1 on captioned shapes: a dVAE (default) or VQ-VAE turning 64 px into 8x8 codes.
 
-  python -m dalle_jax.tools.train --config=configs/tokenizer_shapes.py --workdir=runs/dvae_shapes
-  python -m dalle_jax.tools.train --config=configs/tokenizer_shapes.py:kind=vqvae \
+  python -m dalle_jax.tools.train --config=configs/image_tokenizer_shapes.py --workdir=runs/dvae_shapes
+  python -m dalle_jax.tools.train --config=configs/image_tokenizer_shapes.py:kind=vqvae \
       --workdir=runs/vqvae_shapes
 
 Then measure it on the validation split, and encode the dataset for stage 2:
 
-  python -m dalle_jax.tools.eval_tokenizer --config=configs/tokenizer_shapes.py \
+  python -m dalle_jax.tools.eval_image_tokenizer --config=configs/image_tokenizer_shapes.py \
       --workdir=runs/dvae_shapes
-  python -m dalle_jax.tools.encode_dataset --config=configs/tokenizer_shapes.py \
+  python -m dalle_jax.tools.encode_dataset --config=configs/image_tokenizer_shapes.py \
       --workdir=runs/dvae_shapes --config.encode.output_dir=runs/dvae_shapes/codes
 
 Arguments after ':' : kind=dvae|vqvae, objective=mse|paper (dVAE only), runlocal (a few
@@ -18,7 +18,7 @@ The dVAE's default objective on this data (`objective=mse`) keeps the paper's gu
 relaxation, temperature schedule and KL to the uniform prior, but reconstructs with MSE
 instead of the logit-Laplace likelihood, at twice the learning rate over 6,000 steps. It
 reaches the 30 dB bar; the paper's objective (`objective=paper`) does not in a run this
-short (BENCHMARKS.md, "Stage 1: quality on captioned shapes").
+short (docs/experiments/stage1.md, "Stage 1: quality on captioned shapes").
 """
 from dalle_jax.config import parse_arg
 from dalle_jax.data import presets
@@ -49,6 +49,7 @@ def get_config(arg=None):
         vq_decay=0.99,
         vq_restart_threshold=1.0,
         vq_normalize=False,
+        straight_through=False,  # dvae: hard one-hot forward, relaxed gradients
         recon_loss="logit_laplace" if arg.kind == "dvae" and arg.objective == "paper" else "mse",
     ))
     # The paper's schedules, scaled to the run: temperature 1 -> 1/16 (cosine) and
@@ -62,10 +63,9 @@ def get_config(arg=None):
         kl_warmup_steps=config.total_steps // 10,
         # Not in the paper: the KL of the batch's mean code distribution to uniform,
         # per grid position. Without it a short run's codes collapse onto one
-        # (BENCHMARKS.md); 0 turns it off.
+        # (docs/experiments/stage1.md); 0 turns it off.
         marginal_kl_weight=50.0,
         commitment_weight=0.25,
-        straight_through=False,
         eval_split="validation",
     ))
     # Encoding a dataset into code shards (dalle_jax.tools.encode_dataset).

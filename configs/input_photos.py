@@ -1,4 +1,6 @@
-r"""Real photos with captions at 256 px, preprocessed as in the DALL·E paper.
+r"""Input config: real photos with captions at 256 px, preprocessed as in the DALL·E
+paper, and their caption tokenizer. Not a stage config: train stage 1 on photos with
+configs/image_tokenizer_photos.py.
 
 Convert a folder of images with captions into TFRecord shards first:
 
@@ -7,15 +9,15 @@ Convert a folder of images with captions into TFRecord shards first:
 
 then train the caption tokenizer beside the run and look at a grid of inputs:
 
-  python -m dalle_jax.tools.train_tokenizer --config=configs/photos.py \
+  python -m dalle_jax.tools.train_text_tokenizer --config=configs/input_photos.py \
       --config.data.data_dir=/data/my_photos_records --workdir=runs/photos
-  python -m dalle_jax.tools.demo --config=configs/photos.py \
+  python -m dalle_jax.tools.demo --config=configs/input_photos.py \
       --config.data.data_dir=/data/my_photos_records --workdir=runs/photos
 
 A tfds dataset with an image and a caption feature works the same way, e.g. MS-COCO
 prepared in your own tfds folder:
 
-  python -m dalle_jax.tools.demo --config=configs/photos.py:coco --workdir=runs/coco \
+  python -m dalle_jax.tools.demo --config=configs/input_photos.py:coco --workdir=runs/coco \
       --config.data.data_dir=/data/tensorflow_datasets
 
 Arguments after ':' : coco (tfds coco_captions), runlocal (64 px, small batch).
@@ -35,7 +37,7 @@ def get_config(arg=None):
     config.data = presets.photos(arg.coco, arg.runlocal)
 
     config.text = ml_collections.ConfigDict()
-    config.text.tokenizer = config_dict.placeholder(str)
+    config.text.tokenizer_path = config_dict.placeholder(str)
     config.text.vocab_size = 16_384  # paper
     config.text.model_type = "bpe"
     config.text.text_len = 256  # paper

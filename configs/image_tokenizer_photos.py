@@ -1,16 +1,16 @@
 r"""Stage 1 on 256 px photos: the paper's dVAE (32x32 codes over 8192), or a VQ-VAE.
 
-Convert your images first (configs/photos.py explains how), then:
+Convert your images first (configs/input_photos.py explains how), then:
 
-  python -m dalle_jax.tools.train --config=configs/tokenizer_photos.py \
+  python -m dalle_jax.tools.train --config=configs/image_tokenizer_photos.py \
       --config.data.data_dir=/data/my_photos_records --workdir=runs/dvae_photos
-  python -m dalle_jax.tools.encode_dataset --config=configs/tokenizer_photos.py \
+  python -m dalle_jax.tools.encode_dataset --config=configs/image_tokenizer_photos.py \
       --config.data.data_dir=/data/my_photos_records --workdir=runs/dvae_photos \
       --config.encode.output_dir=runs/dvae_photos/codes
 
 OpenAI's released dVAE can stand in for a trained run: convert it
-(configs/dvae_openai.py) and pass the conversion's directory as --workdir to
-encode_dataset and eval_tokenizer.
+(configs/image_tokenizer_openai.py) and pass the conversion's directory as --workdir to
+encode_dataset and eval_image_tokenizer.
 
 The settings are the paper's (appendix A): released architecture (n_hid 256, 2 blocks
 per group, 4 groups), temperature 1 → 1/16 over 150k updates and KL weight 0 → 6.6 over
@@ -45,6 +45,7 @@ def get_config(arg=None):
         vq_decay=0.99,
         vq_restart_threshold=1.0,
         vq_normalize=False,
+        straight_through=False,  # dvae: hard one-hot forward, relaxed gradients
         recon_loss="logit_laplace",
     ))
     config.stage1 = ml_collections.ConfigDict(dict(
@@ -55,7 +56,6 @@ def get_config(arg=None):
         marginal_kl_weight=0.0,
         kl_warmup_steps=5_000,
         commitment_weight=0.25,
-        straight_through=False,
         eval_split="validation",
     ))
     config.encode = ml_collections.ConfigDict(dict(
@@ -63,7 +63,8 @@ def get_config(arg=None):
         splits=("train", "validation"),
         batch_size=64,
         # Images per encoder pass on each device (dalle_jax.models.dvae.in_chunks); 0: all.
-        # On a CPU host 1 is the fastest at 256 px (BENCHMARKS.md); accelerators want 0.
+        # On a CPU host 1 is the fastest at 256 px (docs/experiments/stage1.md);
+        # accelerators want 0.
         chunk_size=0,
     ))
     config.optimizer.update(learning_rate=1e-4, warmup_steps=0, end_learning_rate=1.25e-6,

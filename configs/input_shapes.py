@@ -1,12 +1,13 @@
-r"""Captioned shapes: the embedded default dataset (64 px, one or two coloured shapes).
+r"""Input config: captioned shapes, the embedded default dataset (64 px, one or two
+coloured shapes), and its caption tokenizer. Not a stage config: it has no model.
 
 Runs (the demo builds the dataset, trains the caption tokenizer and writes a grid):
 
-  python -m dalle_jax.tools.demo --config=configs/shapes.py --workdir=runs/shapes
+  python -m dalle_jax.tools.demo --config=configs/input_shapes.py --workdir=runs/shapes
 
 A quick local try on a small dataset at 32 px:
 
-  python -m dalle_jax.tools.demo --config=configs/shapes.py:runlocal --workdir=/tmp/shapes
+  python -m dalle_jax.tools.demo --config=configs/input_shapes.py:runlocal --workdir=/tmp/shapes
 
 Arguments after ':' (comma-separated): runlocal (small and fast), res=32|64|128|256.
 Any field can be overridden: --config.data.num_train=10000 --config.batch_size=32.
@@ -26,7 +27,8 @@ def get_config(arg=None):
     config.data = presets.captioned_shapes(arg.res, arg.runlocal)
 
     config.text = ml_collections.ConfigDict()
-    config.text.tokenizer = config_dict.placeholder(str)  # None: <workdir>/tokenizer.model
+    # None: <workdir>/text_tokenizer.model
+    config.text.tokenizer_path = config_dict.placeholder(str)
     config.text.vocab_size = 512  # an upper bound: the shapes captions need fewer pieces
     config.text.model_type = "bpe"
     config.text.text_len = 32

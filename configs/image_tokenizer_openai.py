@@ -2,17 +2,17 @@ r"""OpenAI's released dVAE (256 px → 32×32 codes over 8192), converted to thi
 
 Converts the released pickles (download them yourself; nothing here fetches weights):
 
-  python -m dalle_jax.tools.convert_openai_dvae --config=configs/dvae_openai.py \
+  python -m dalle_jax.tools.convert_openai_dvae --config=configs/image_tokenizer_openai.py \
       --config.encoder_pkl=/path/to/encoder.pkl --config.decoder_pkl=/path/to/decoder.pkl \
       --config.output_dir=/path/to/openai_dvae
 
 The output directory holds an orbax checkpoint of {"encoder": ..., "decoder": ...} and
 architecture.json; read it back with dalle_jax.models.openai_dvae.load_converted(dir).
 
-Benchmarks the encoder, this project's (jitted) against dall_e's PyTorch one with the
-same random weights (256 px, batch 8, fp32):
+The encoder's benchmark against dall_e's PyTorch one (same random weights, 256 px,
+batch 8, fp32) has its own config, configs/bench_dvae.py:
 
-  python -m dalle_jax.tools.bench_dvae --config=configs/dvae_openai.py
+  python -m dalle_jax.tools.bench dvae
 
 Both need torch and dall_e: pip install "torch>=2.4" requests attrs &&
 pip install --no-deps dall-e==0.1.
@@ -43,14 +43,4 @@ def get_config(arg=None):
     config.model.group_count = 4
     config.model.n_init = 128  # decoder: width of its first 1×1 conv
     config.model.output_channels = 3  # decoder: 3 means and 3 log-scales
-
-    # dalle_jax.tools.bench_dvae: random weights at config.model's sizes.
-    config.bench = ml_collections.ConfigDict()
-    config.bench.batch_size = 8
-    config.bench.warmup = 2
-    config.bench.repeats = 5  # medians over these
-    config.bench.chunk_size = 1  # also time the batch as lax.map over chunks; 0: don't
-    config.bench.threads = 0  # torch intra-op threads; 0: every core
-    config.bench.torch_device = "cpu"  # or "cuda" on a GPU machine
-    config.bench.seed = 0
     return config

@@ -1,44 +1,58 @@
 """A trained image tokenizer as a library: load a stage-1 run, encode images, decode codes.
 
     tokenizer = ImageTokenizerRun.load("runs/dvae_shapes")
-    codes = tokenizer.encode(images_uint8)      # int32 [B, h, w]
+    codes = tokenizer.encode(images)            # uint8 or [0, 1] floats -> int32 [B, h, w]
     images = tokenizer.decode(codes)            # uint8 [B, H, W, 3]
 
-Uses the EMA parameters when the run kept them. Encoding and decoding are jitted and
-run on this process's local devices, the batch split over them.
+Loads parameters only (the EMA when the run kept them, and a VQ-VAE's codebook).
+Encoding and decoding are jitted and run on this process's local devices, the batch
+split over them.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from typing import Any
 
 from etils import epath
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dalle_jax import config as config_lib
+from dalle_jax.inference import runs
 from dalle_jax.models import dvae as dvae_lib
+from dalle_jax.models import image_tokenizers
 from dalle_jax.models import openai_dvae
 from dalle_jax.stages import image_tokenizer as stage1
-from dalle_jax.train import checkpoint as checkpoint_lib
 from dalle_jax.train import sharding as sharding_lib
-from dalle_jax.train import trainer
 
 
-def _local_batch_mesh() -> jax.sharding.Mesh:
-    """This process's devices, all along the batch axis."""
-    return sharding_lib.make_mesh(
-        ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), jax.local_devices())
+def check_images(images: Any, image_size: int) -> np.ndarray:
+    """Host-side checks of an image batch (uint8, or floats in [0, 1]); returns it as
+    numpy, or raises ``ValueError`` saying what is wrong."""
+    images = np.asarray(images)
+    expected = (image_size, image_size, 3)
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise ValueError(f"images must be [B, {image_size}, {image_size}, 3], "
+                         f"got {images.shape}")
+    if images.dtype == np.uint8:
+        return images
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images must be uint8 or float in [0, 1]; got dtype {images.dtype}")
+    if np.isnan(images).any():
+        raise ValueError("images contain NaN")
+    if images.size and (images.min() < 0 or images.max() > 1):
+        raise ValueError(
+            f"float images must lie in [0, 1]; got [{images.min()}, {images.max()}]")
+    return images.astype(np.float32)
 
 
 @dataclasses.dataclass
 class ImageTokenizerRun:
     config: ml_collections.ConfigDict
-    model: stage1.ImageTokenizer
+    model: nn.Module  # a module of dalle_jax.models.image_tokenizers
     variables: Any
     step: int
     # Images per encoder pass on each device inside one jitted call (see
@@ -70,22 +84,13 @@ class ImageTokenizerRun:
         if (epath.Path(workdir) / openai_dvae.ARCHITECTURE_FILE).exists():
             return cls.from_openai_conversion(workdir, config)
         if config is None:
-            path = epath.Path(workdir) / config_lib.CONFIG_FILE_NAME
-            if not path.exists():
-                raise FileNotFoundError(f"{path} not found: is {workdir} a stage-1 run?")
-            config = ml_collections.ConfigDict(json.loads(path.read_text()))
-            config.data.holdout_pairs = tuple(tuple(p) for p in config.data.holdout_pairs)
-        mesh = _local_batch_mesh()
-        task = stage1.ImageTokenizerTask(config, workdir, mesh)
-        training = trainer.build(config, task, mesh, sharding_lib.logical_rules(config.sharding))
-        checkpoints = checkpoint_lib.Checkpointer(epath.Path(workdir) / "checkpoints",
-                                                  save_interval_steps=1)
-        try:
-            state, _, step = checkpoints.restore(training.abstract_state, step)
-        finally:
-            checkpoints.close()
-        params = state.ema_params if state.ema_params is not None else state.params
-        return cls(config, task.model, {"params": params, **state.model_state}, step)
+            config = runs.read_config(workdir)
+        model = image_tokenizers.from_config(config.model)
+        loaded = runs.load_variables(
+            workdir, config,
+            lambda rng: stage1.init_variables(model, config.data.image_size, rng),
+            runs.local_batch_mesh(), step)
+        return cls(config, model, loaded.variables, loaded.step)
 
     @classmethod
     def from_openai_conversion(cls, directory: str,
@@ -97,21 +102,19 @@ class ImageTokenizerRun:
         run_config = ml_collections.ConfigDict(dict(
             model=dict(kind="dvae", vocab_size=encoder.vocab_size, n_hid=encoder.n_hid,
                        n_blk_per_group=encoder.n_blk_per_group,
-                       group_count=encoder.group_count, n_init=decoder.n_init),
+                       group_count=encoder.group_count, n_init=decoder.n_init,
+                       straight_through=False),
             data=dict(image_size=image_size)))
         factor = dvae_lib.downsample_factor(encoder.group_count)
         if image_size % factor:
             raise ValueError(f"image size {image_size} is not divisible by the dVAE's "
                              f"downsample factor {factor}")
-        model = stage1.ImageTokenizer(
-            kind="dvae", vocab_size=encoder.vocab_size, n_hid=encoder.n_hid,
-            n_blk_per_group=encoder.n_blk_per_group, group_count=encoder.group_count,
-            n_init=decoder.n_init)
-        return cls(run_config, model, {"params": params}, 0)
+        return cls(run_config, image_tokenizers.from_config(run_config.model),
+                   {"params": params}, 0)
 
     @functools.cached_property
     def _mesh(self) -> jax.sharding.Mesh:
-        return _local_batch_mesh()
+        return runs.local_batch_mesh()
 
     @functools.cached_property
     def _device_variables(self):
@@ -128,28 +131,25 @@ class ImageTokenizerRun:
     @functools.cached_property
     def _encode(self):
         def encode(variables, images):
-            x = dvae_lib.map_pixels(images.astype(jnp.float32) / 255.0)
+            pixels = (images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8
+                      else images)
             return dvae_lib.in_chunks(
-                lambda x: self.model.apply(variables, x, method=stage1.ImageTokenizer.encode),
-                x, self.encode_chunk_size, num_shards=self._mesh.size)
+                lambda x: self.model.apply(variables, x, method="encode"),
+                dvae_lib.map_pixels(pixels), self.encode_chunk_size,
+                num_shards=self._mesh.size)
         return jax.jit(encode)
 
     @functools.cached_property
     def _decode(self):
         def decode(variables, codes):
-            stats = self.model.apply(variables, codes, method=stage1.ImageTokenizer.decode)
-            return jnp.round(stage1.reconstruction(stats) * 255.0).astype(jnp.uint8)
+            stats = self.model.apply(variables, codes, method="decode")
+            return jnp.round(dvae_lib.reconstruction(stats) * 255.0).astype(jnp.uint8)
         return jax.jit(decode)
 
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [B, H, W, 3] at the run's image size → int32 codes [B, h, w]."""
-        images = np.asarray(images)
-        expected = (self.image_size, self.image_size, 3)
-        if images.ndim != 4 or images.shape[1:] != expected:
-            raise ValueError(f"images must be [B, {self.image_size}, {self.image_size}, 3], "
-                             f"got {images.shape}")
-        if images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8, got {images.dtype}")
+    def encode(self, images: Any) -> np.ndarray:
+        """Images [B, H, W, 3] at the run's image size (uint8, or floats in [0, 1]) →
+        int32 codes [B, h, w]: the argmax / nearest entry, no noise."""
+        images = check_images(images, self.image_size)
         per_device = -(-len(images) // self._mesh.size)
         if self.encode_chunk_size > 0 and per_device > self.encode_chunk_size and (
                 per_device % self.encode_chunk_size):
@@ -160,12 +160,15 @@ class ImageTokenizerRun:
         codes = self._encode(self._device_variables, self._split_batch(images))
         return np.asarray(codes)[:len(images)]
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """int codes [B, h, w] → uint8 images [B, H, W, 3]."""
+    def decode(self, codes: Any) -> np.ndarray:
+        """int codes [B, h, w] in [0, vocab_size) → uint8 images [B, H, W, 3]. Anything
+        else is refused (one-hot would silently turn an out-of-range code into zeros)."""
         codes = np.asarray(codes)
         if codes.ndim != 3 or codes.shape[1:] != (self.grid_size, self.grid_size):
             raise ValueError(f"codes must be [B, {self.grid_size}, {self.grid_size}], "
                              f"got {codes.shape}")
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"codes must be integers; got dtype {codes.dtype}")
         if codes.size and (codes.min() < 0 or codes.max() >= self.vocab_size):
             raise ValueError(f"codes must be in [0, {self.vocab_size}), got values in "
                              f"[{codes.min()}, {codes.max()}]")

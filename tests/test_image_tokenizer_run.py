@@ -1,7 +1,7 @@
-"""A trained stage-1 run as a library, its evaluation and the dataset-encoding job."""
+"""A trained stage-1 run as a library (parameters only), its evaluation and the encoding job."""
 import dataclasses
-import json
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -9,14 +9,14 @@ import tensorflow as tf
 from dalle_jax.config import load_config_file
 from dalle_jax.data import code_records
 from dalle_jax.data import pipeline as pipeline_lib
-from dalle_jax.stages.tokenizer_io import ImageTokenizerRun
-from dalle_jax.tools import encode_dataset, eval_tokenizer
+from dalle_jax.inference.image_tokenizer import ImageTokenizerRun
+from dalle_jax.tools import encode_dataset, eval_image_tokenizer
 from dalle_jax.train import trainer
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    config = load_config_file("configs/tokenizer_shapes.py:runlocal")
+    config = load_config_file("configs/image_tokenizer_shapes.py:runlocal")
     config.model.update(n_hid=8, n_init=8, vocab_size=32, group_count=3)
     config.data.update(image_size=16, data_dir=str(tmp_path_factory.mktemp("tfds")),
                        num_train=64, num_validation=24, num_test=8, num_holdout=8)
@@ -37,16 +37,69 @@ def test_load_encode_decode(run):
     codes = tokenizer.encode(images)
     assert codes.shape == (3, 4, 4) and codes.dtype == np.int32
     assert 0 <= codes.min() and codes.max() < 32
+    # The same pixels as floats in [0, 1] give the same codes.
+    np.testing.assert_array_equal(tokenizer.encode(images / 255.0), codes)
     decoded = tokenizer.decode(codes)
     assert decoded.shape == (3, 16, 16, 3) and decoded.dtype == np.uint8
-    with pytest.raises(ValueError, match=r"images must be \[B, 16, 16, 3\]"):
-        tokenizer.encode(images[:, :8])
-    with pytest.raises(ValueError, match="uint8"):
-        tokenizer.encode(images.astype(np.float32))
-    with pytest.raises(ValueError, match=r"codes must be in \[0, 32\)"):
-        tokenizer.decode(np.full((1, 4, 4), 32))
-    with pytest.raises(ValueError, match=r"codes must be \[B, 4, 4\]"):
-        tokenizer.decode(codes[:, :2])
+
+
+def test_loading_reads_the_ema_parameters_and_no_optimizer_state(run, monkeypatch):
+    config, workdir = run
+    from dalle_jax.train import checkpoint as checkpoint_lib
+    from dalle_jax.train import optimizer as optimizer_lib
+    from dalle_jax.train import sharding as sharding_lib
+    from dalle_jax.stages import image_tokenizer as stage1
+    mesh = sharding_lib.make_mesh(config.mesh)
+    task = stage1.ImageTokenizerTask(config, workdir, mesh)
+    training = trainer.build(config, task, mesh, sharding_lib.logical_rules(config.sharding))
+    checkpoints = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", save_interval_steps=1)
+    state, _, _ = checkpoints.restore(training.abstract_state)
+    checkpoints.close()
+    # EMA and raw parameters differ after two steps, so the comparison tells them apart.
+    assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0 for a, b in zip(
+        jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params)))
+
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("loading for inference built the optimizer")
+
+    monkeypatch.setattr(optimizer_lib, "make_optimizer", no_optimizer)
+    restored = {}
+    real_restore_parts = checkpoint_lib.Checkpointer.restore_parts
+
+    def record(self, parts, step=None):
+        restored.update(parts)
+        return real_restore_parts(self, parts, step)
+
+    monkeypatch.setattr(checkpoint_lib.Checkpointer, "restore_parts", record)
+    tokenizer = ImageTokenizerRun.load(workdir)
+    assert set(restored) == {"ema_params"}  # the dVAE has no model state
+    jax.tree.map(np.testing.assert_array_equal, tokenizer.variables["params"],
+                 state.ema_params)
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((1, 12, 16, 3), np.uint8), r"images must be \[B, 16, 16, 3\]"),
+    (np.zeros((1, 16, 16, 4), np.uint8), r"images must be \[B, 16, 16, 3\]"),
+    (np.zeros((16, 16, 3), np.uint8), r"images must be \[B, 16, 16, 3\]"),
+    (np.full((1, 16, 16, 3), np.nan, np.float32), "NaN"),
+    (np.full((1, 16, 16, 3), 2.0, np.float32), r"\[0, 1\]"),
+    (np.zeros((1, 16, 16, 3), np.int32), "dtype"),
+])
+def test_encode_refuses_bad_images(run, images, message):
+    with pytest.raises(ValueError, match=message):
+        ImageTokenizerRun.load(run[1]).encode(images)
+
+
+@pytest.mark.parametrize("codes, message", [
+    (np.full((1, 4, 4), 32), r"codes must be in \[0, 32\)"),
+    (np.full((1, 4, 4), -1), r"codes must be in \[0, 32\)"),
+    (np.zeros((1, 4, 4), np.float32), "integers"),
+    (np.zeros((4, 4), np.int32), r"codes must be \[B, 4, 4\]"),
+    (np.zeros((1, 4, 2), np.int32), r"codes must be \[B, 4, 4\]"),
+])
+def test_decode_refuses_bad_codes(run, codes, message):
+    with pytest.raises(ValueError, match=message):
+        ImageTokenizerRun.load(run[1]).decode(codes)
 
 
 def test_encoding_splits_the_batch_over_the_local_devices(run):
@@ -68,14 +121,24 @@ def test_encoding_splits_the_batch_over_the_local_devices(run):
 
 def test_evaluation_reports_psnr_and_code_usage(run):
     config, workdir = run
-    results, (originals, recon) = eval_tokenizer.evaluate(
-        ImageTokenizerRun.load(workdir, config), config, "validation", batch_size=16)
-    assert results["examples"] == 24
-    assert 0 < results["codes_used"] <= 1 and results["perplexity"] >= 1
-    expected_mse = np.mean(((recon.astype(float) - originals) / 255.0) ** 2)
-    assert results["psnr"] > 0 and results["mse"] > 0
+    tokenizer = ImageTokenizerRun.load(workdir, config)
+    results, (originals, recon) = eval_image_tokenizer.evaluate(tokenizer, config, "validation",
+                                                          batch_size=16)
+    assert results["examples"] == 24 and results["step"] == 2
     assert originals.shape == recon.shape == (8, 16, 16, 3)
-    assert abs(expected_mse - results["mse"]) < 0.05
+    # The same figures computed here from the whole split in one batch.
+    batch = next(pipeline_lib.make_pipeline(config, "validation", train=False,
+                                            batch_size=24, process_index=0,
+                                            process_count=1))
+    codes = tokenizer.encode(batch["image"])
+    error = ((tokenizer.decode(codes).astype(np.float64) - batch["image"]) / 255.0) ** 2
+    mse = error.reshape(24, -1).mean(-1)
+    assert results["mse"] == pytest.approx(mse.mean(), rel=1e-9)
+    assert results["psnr"] == pytest.approx(np.mean(-10 * np.log10(mse)), rel=1e-9)
+    counts = np.bincount(codes.ravel(), minlength=32)
+    assert results["codes_used"] == pytest.approx(np.count_nonzero(counts) / 32)
+    probs = counts[counts > 0] / counts.sum()
+    assert results["perplexity"] == pytest.approx(np.exp(-np.sum(probs * np.log(probs))))
 
 
 def test_encode_dataset_writes_resumable_code_shards(run, tmp_path):
@@ -133,8 +196,8 @@ def test_stage2_trains_on_the_encoding_jobs_shards_and_on_the_fly(run, tmp_path)
     for split in ("train", "validation"):
         entries = encode_dataset.encode_split(tokenizer, config, split, str(codes_dir),
                                               batch_size=16, progress=False)
-        (codes_dir / code_records.metadata_name(config.data.name, split)).write_text(
-            json.dumps({"shards": entries, "code_shape": [4, 4], "vocab_size": 32}))
+        code_records.write_metadata(str(codes_dir), config.data.name, split, shards=entries,
+                                    code_shape=(4, 4), vocab_size=32)
     from_shards = _stage2_config(config, workdir, data_dir=str(codes_dir))
     lines = []
     trainer.train_and_evaluate(from_shards, str(tmp_path / "s2"), console=lines.append)
@@ -150,7 +213,7 @@ def test_stage2_trains_on_the_encoding_jobs_shards_and_on_the_fly(run, tmp_path)
                                 data_dir=config.data.data_dir)
     task = stage2.TransformerTask(on_the_fly, str(tmp_path / "s2"), None)
     reference = pipeline_lib.make_pipeline(on_the_fly, "train", train=True,
-                                           tokenizer=task.tokenizer, with_captions=True,
+                                           text_tokenizer=task.text_tokenizer, with_captions=True,
                                            caption_dropout=on_the_fly.stage2.caption_dropout)
     batch, expected = next(task.train_data()), next(reference)
     assert "image" not in batch

@@ -1,6 +1,6 @@
 r"""Measures a trained image tokenizer on a whole split: PSNR, MSE and code usage.
 
-  python -m dalle_jax.tools.eval_tokenizer --config=configs/tokenizer_shapes.py \
+  python -m dalle_jax.tools.eval_image_tokenizer --config=configs/image_tokenizer_shapes.py \
       --workdir=runs/dvae_shapes
 
 Images are encoded to codes (argmax, no noise) and decoded back with the run's EMA
@@ -24,25 +24,24 @@ config_lib.define_flags()
 _SPLIT = flags.DEFINE_string("split", None, "Split to measure (default: stage1.eval_split).")
 
 
-def evaluate(tokenizer, config, split: str, batch_size: int = 128) -> dict:
+def evaluate(image_tokenizer, config, split: str, batch_size: int = 128) -> dict:
     """PSNR (mean over images), MSE, fraction of the vocabulary used, perplexity."""
-    pipeline = pipeline_lib.make_pipeline(
-        config, split, train=False, batch_size=batch_size, process_index=0,
-        process_count=1)
-    counts = np.zeros((tokenizer.vocab_size,), np.int64)
+    counts = np.zeros((image_tokenizer.vocab_size,), np.int64)
     psnrs, mses = [], []
     first = None
-    for batch in pipeline:
-        real = batch["mask"]
-        codes = tokenizer.encode(batch["image"])
-        recon = tokenizer.decode(codes)
-        error = ((recon.astype(np.float64) - batch["image"]) / 255.0) ** 2
-        mse = error.reshape(len(error), -1).mean(-1)[real]
-        mses.extend(mse)
-        psnrs.extend(-10 * np.log10(np.maximum(mse, 1e-10)))
-        counts += np.bincount(codes[real].ravel(), minlength=tokenizer.vocab_size)
-        if first is None:
-            first = (batch["image"][:8], recon[:8])
+    with pipeline_lib.make_pipeline(config, split, train=False, batch_size=batch_size,
+                                    process_index=0, process_count=1) as pipeline:
+        for batch in pipeline:
+            real = batch["mask"]
+            codes = image_tokenizer.encode(batch["image"])
+            recon = image_tokenizer.decode(codes)
+            error = ((recon.astype(np.float64) - batch["image"]) / 255.0) ** 2
+            mse = error.reshape(len(error), -1).mean(-1)[real]
+            mses.extend(mse)
+            psnrs.extend(-10 * np.log10(np.maximum(mse, 1e-10)))
+            counts += np.bincount(codes[real].ravel(), minlength=image_tokenizer.vocab_size)
+            if first is None:
+                first = (batch["image"][:8], recon[:8])
     probs = counts / counts.sum()
     nonzero = probs[probs > 0]
     return {
@@ -52,7 +51,7 @@ def evaluate(tokenizer, config, split: str, batch_size: int = 128) -> dict:
         "mse": float(np.mean(mses)),
         "codes_used": float((counts > 0).mean()),
         "perplexity": float(np.exp(-np.sum(nonzero * np.log(nonzero)))),
-        "step": tokenizer.step,
+        "step": image_tokenizer.step,
     }, first
 
 
@@ -61,11 +60,11 @@ def main(argv):
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if workdir is None:
         raise app.UsageError("--workdir (the stage-1 run) is required")
-    from dalle_jax.stages.tokenizer_io import ImageTokenizerRun  # pylint: disable=g-import-not-at-top
-    tokenizer = ImageTokenizerRun.load(workdir, config)
+    from dalle_jax.inference.image_tokenizer import ImageTokenizerRun  # pylint: disable=g-import-not-at-top
+    image_tokenizer = ImageTokenizerRun.load(workdir, config)
     split = _SPLIT.value or config.stage1.eval_split
     start = time.perf_counter()
-    results, (originals, recon) = evaluate(tokenizer, config, split)
+    results, (originals, recon) = evaluate(image_tokenizer, config, split)
     results["seconds"] = round(time.perf_counter() - start, 1)
     files.atomic_write(epath.Path(workdir) / f"eval_{split}.json",
                        json.dumps(results, indent=2))

@@ -1,4 +1,4 @@
-"""Caption tokenizer: sentencepiece BPE trained on a dataset's captions.
+"""Text tokenizer: sentencepiece BPE trained on a dataset's captions.
 
 As in the paper, captions are lowercased and BPE-encoded; during training each merge
 is dropped with probability ``dropout`` (BPE-dropout, sentencepiece's sampling mode).
@@ -25,7 +25,8 @@ from dalle_jax import files
 
 PAD_ID = 0
 UNK_ID = 1
-TOKENIZER_FILE_NAME = "tokenizer.model"
+TEXT_TOKENIZER_FILE_NAME = "text_tokenizer.model"
+
 
 def normalize_caption(caption: str | bytes) -> str:
     """Lowercases and strips a caption (bytes are decoded as UTF-8)."""
@@ -34,7 +35,7 @@ def normalize_caption(caption: str | bytes) -> str:
     return caption.strip().lower()
 
 
-def train_tokenizer(
+def train_text_tokenizer(
     captions: Iterable[str | bytes],
     output_path: str | os.PathLike,
     *,
@@ -48,7 +49,7 @@ def train_tokenizer(
 
     With ``hard_vocab_limit=False`` a small corpus (such as the shapes captions, with a
     few dozen distinct words) may end with fewer pieces than ``vocab_size``; the model's
-    own size is what the transformer must use (``Tokenizer.vocab_size``).
+    own size is what the transformer must use (``TextTokenizer.vocab_size``).
     """
     output_path = epath.Path(output_path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +62,7 @@ def train_tokenizer(
                     f.write(text + "\n")
                     count += 1
         if count == 0:
-            raise ValueError("cannot train a tokenizer: no non-empty captions")
+            raise ValueError("cannot train a text tokenizer: no non-empty captions")
         prefix = os.path.join(tmp, "spm")
         spm.SentencePieceTrainer.train(
             input=corpus,
@@ -89,7 +90,7 @@ def train_tokenizer(
     return output_path
 
 
-class Tokenizer:
+class TextTokenizer:
     """Fixed-length caption encoder around a sentencepiece model."""
 
     def __init__(self, model_path: str | os.PathLike, text_len: int, dropout: float = 0.0):
@@ -110,7 +111,7 @@ class Tokenizer:
         if self._sp.pad_id() != PAD_ID:
             raise ValueError(
                 f"{model_path}: pad id is {self._sp.pad_id()}, expected {PAD_ID}; "
-                "train tokenizers with dalle_jax.data.tokenizer.train_tokenizer")
+                "train it with dalle_jax.data.text_tokenizer.train_text_tokenizer")
 
     @property
     def vocab_size(self) -> int:
@@ -192,43 +193,47 @@ class Tokenizer:
         return texts
 
 
-def tokenizer_for_run(text_config, workdir: str | os.PathLike | None) -> epath.Path:
-    """Where a run's tokenizer lives: ``config.text.tokenizer`` or beside the run."""
-    if text_config.tokenizer:
-        return epath.Path(text_config.tokenizer)
+def text_tokenizer_path(text_config, workdir: str | os.PathLike | None) -> epath.Path:
+    """Where a run's text tokenizer lives: ``config.text.tokenizer_path`` or beside the
+    run."""
+    if text_config.tokenizer_path:
+        return epath.Path(text_config.tokenizer_path)
     if workdir is None:
-        raise ValueError("no tokenizer: set config.text.tokenizer or pass --workdir")
-    return epath.Path(workdir) / TOKENIZER_FILE_NAME
+        raise ValueError("no text tokenizer: set config.text.tokenizer_path or pass --workdir")
+    return epath.Path(workdir) / TEXT_TOKENIZER_FILE_NAME
 
 
-def load_tokenizer(text_config, workdir: str | os.PathLike | None) -> Tokenizer:
-    """Loads the run's tokenizer with the config's text length and BPE-dropout."""
-    path = tokenizer_for_run(text_config, workdir)
+def load_text_tokenizer(text_config, workdir: str | os.PathLike | None) -> TextTokenizer:
+    """Loads the run's text tokenizer with the config's text length and BPE-dropout."""
+    path = text_tokenizer_path(text_config, workdir)
     if not path.exists():
         raise FileNotFoundError(
-            f"no tokenizer at {path}; train one with `python -m "
-            "dalle_jax.tools.train_tokenizer --config=... --workdir=...` or set "
-            "config.text.tokenizer")
-    return Tokenizer(path, text_config.text_len, text_config.bpe_dropout)
+            f"no text tokenizer at {path}; train one with `python -m "
+            "dalle_jax.tools.train_text_tokenizer --config=... --workdir=...` or set "
+            "config.text.tokenizer_path")
+    return TextTokenizer(path, text_config.text_len, text_config.bpe_dropout)
 
 
-def train_for_run(config, workdir, *, split: str = "train", overwrite: bool = False,
-                  progress: bool = True) -> Tokenizer:
-    """Trains (or, if present and not ``overwrite``, loads) the run's tokenizer."""
-    from dalle_jax.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
-    path = tokenizer_for_run(config.text, workdir)
+def train_or_load_text_tokenizer(text_config, workdir: str | os.PathLike | None,
+                                 captions: Iterable[str | bytes], *,
+                                 overwrite: bool = False,
+                                 progress: bool = True) -> TextTokenizer:
+    """Trains the run's text tokenizer on ``captions``, or loads it if present (and not
+    ``overwrite``).
+
+    ``captions`` is only iterated when a tokenizer is trained, so a lazy iterable (such
+    as :func:`dalle_jax.data.sources.iter_captions`) costs nothing when one exists.
+    """
+    path = text_tokenizer_path(text_config, workdir)
     if path.exists() and not overwrite:
-        return load_tokenizer(config.text, workdir)
-    source = pipeline_lib.make_pipeline(
-        config, split, train=False, process_index=0, process_count=1)
-    captions = source.iter_captions()
+        return load_text_tokenizer(text_config, workdir)
     if progress:
-        captions = tqdm.tqdm(captions, desc=f"captions of {source.source.name}", unit=" captions")
+        captions = tqdm.tqdm(captions, desc="captions", unit=" captions")
     start = time.perf_counter()
-    train_tokenizer(
-        captions, path, vocab_size=config.text.vocab_size, model_type=config.text.model_type)
-    tokenizer = load_tokenizer(config.text, workdir)
-    logging.info("trained a %s tokenizer with %d pieces in %.1fs: %s",
-                 config.text.model_type, tokenizer.vocab_size,
+    train_text_tokenizer(captions, path, vocab_size=text_config.vocab_size,
+                         model_type=text_config.model_type)
+    tokenizer = load_text_tokenizer(text_config, workdir)
+    logging.info("trained a %s text tokenizer with %d pieces in %.1fs: %s",
+                 text_config.model_type, tokenizer.vocab_size,
                  time.perf_counter() - start, path)
     return tokenizer

@@ -1,0 +1,36 @@
+"""Benchmarks: one module per benchmark, the JSON record of a run, the results page.
+
+``python -m dalle_jax.tools.bench <input|dvae|transformer|all|report>`` runs them;
+each benchmark reads ``configs/bench_<name>.py`` (its targets included) and writes
+``benchmarks/<name>.json``, from which ``BENCHMARKS.md`` is rendered.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    name: str  # the command's argument, the config's and the record's name
+    title: str
+    description: str
+    module: str  # exposes summary(config) -> str and measure(config, *, workdir, log)
+
+
+BENCHMARKS = {b.name: b for b in (
+    Benchmark("input", "Input pipeline",
+              "The training pipeline on one process (read, shuffle, decode, augment, batch, "
+              "tokenize captions with BPE-dropout): examples/s on captioned shapes and on "
+              "the JPEG photo path.",
+              "dalle_jax.bench.input"),
+    Benchmark("dvae", "Stage 1: dVAE encoder against dall_e",
+              "The released dVAE architecture's encoder, this project's (jitted, whole "
+              "batch and in chunks as the encoding job runs it) against OpenAI's dall_e "
+              "(PyTorch) with the same random weights, fp32, side by side in one process.",
+              "dalle_jax.bench.dvae"),
+    Benchmark("transformer", "Stage 2: transformer training and sampling",
+              "The training core's jitted step (MFU against the device's peak: published, "
+              "or on a CPU a measured matmul), KV-cached against uncached sampling, and "
+              "the cost of classifier-free guidance, on one device with random weights.",
+              "dalle_jax.bench.transformer"),
+)}
