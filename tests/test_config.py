@@ -87,6 +87,7 @@ def _cli(*args):
         cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_key_and_wrong_type(tmp_path):
     unknown = _cli("--config=configs/input_shapes.py", "--config.data.num_trian=10",
                    f"--workdir={tmp_path}")

@@ -82,6 +82,7 @@ def test_a_job_with_a_pipeline_exits(split, mode):
     assert "pulled" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_trainer_closes_its_data(tmp_path):
     config = toy_task.get_config("synthetic=True")
     config.update(total_steps=2, batch_size=8)

@@ -88,7 +88,10 @@ def test_dead_codes_restart_from_encoder_outputs():
                                   rngs={"vq": jax.random.key(3)})
     assert out[1].tolist() == [0, 1, 1, 2]
     jax.tree.map(np.testing.assert_array_equal, unchanged["vq"], variables["vq"])
-    # And the task's loss in evaluation returns the model state it was given.
+
+
+@pytest.mark.slow
+def test_the_vq_task_updates_its_codebook_in_training_only():
     config = _tiny_config("vqvae")
     task = stage1.ImageTokenizerTask(config, None, None)
     state = task.init(jax.random.key(0))
@@ -111,6 +114,7 @@ def _tiny_config(kind, objective="mse"):
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,objective", [("dvae", "mse"), ("dvae", "paper"),
                                             ("vqvae", "mse")])
 def test_task_trains_on_a_mesh_and_reports_its_metrics(kind, objective):
@@ -150,6 +154,7 @@ def test_task_trains_on_a_mesh_and_reports_its_metrics(kind, objective):
     assert summary.shape == (16, 16, 16, 3) and summary.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_kl_to_the_uniform_prior_vanishes_for_uniform_logits():
     config = _tiny_config("dvae")
     task = stage1.ImageTokenizerTask(config, None, None)
@@ -168,8 +173,8 @@ def test_kl_is_normalised_per_pixel_at_a_nontrivial_beta():
     variables = task.init(jax.random.key(0))
     images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     batch = {"image": images, "mask": np.ones((3,), bool)}
-    loss, metrics, _ = task.loss(variables["params"], {}, batch, jax.random.key(3),
-                                 train=True, step=5)
+    loss, metrics, _ = jax.jit(lambda p: task.loss(p, {}, batch, jax.random.key(3),
+                                                   train=True, step=5))(variables["params"])
     assert float(metrics["beta"]) == pytest.approx(3.3)  # half-way up the cosine
     # The KL to the uniform prior from the encoder's own logits, summed over positions.
     x_mapped = dvae.map_pixels(images.astype(np.float32) / 255.0)
@@ -237,6 +242,7 @@ def test_marginal_kl_tells_collapse_from_certain_codes_spread_over_the_codebook(
         math.log(vocab), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_marginal_kl_weight_adds_the_batch_term_per_grid_position():
     config = _tiny_config("dvae")
     task = stage1.ImageTokenizerTask(config, None, None)

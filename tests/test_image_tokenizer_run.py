@@ -13,6 +13,8 @@ from dalle_jax.inference.image_tokenizer import ImageTokenizerRun
 from dalle_jax.tools import encode_dataset, eval_image_tokenizer
 from dalle_jax.train import trainer
 
+pytestmark = pytest.mark.slow  # each trains or runs subprocesses
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

@@ -16,6 +16,8 @@ from dalle_jax.train import sharding as sharding_lib
 from dalle_jax.train import trainer
 from tests import code_shards
 
+pytestmark = pytest.mark.slow  # each trains or runs subprocesses
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

@@ -17,6 +17,8 @@ from dalle_jax.inference.image_tokenizer import ImageTokenizerRun
 from dalle_jax.models import dvae
 from dalle_jax.models import openai_dvae
 
+pytestmark = pytest.mark.slow  # each trains or runs subprocesses
+
 # The smallest sizes dall_e's validators admit (n_hid ≥ 64, vocab ≥ 512): fast on CPU.
 MODEL = dict(image_size=64, vocab_size=512, n_hid=64, n_blk_per_group=2, group_count=4,
              n_init=32, output_channels=3)

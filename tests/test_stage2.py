@@ -18,6 +18,8 @@ from dalle_jax.stages import transformer as stage2
 from dalle_jax.train import trainer
 from tests import code_shards
 
+pytestmark = pytest.mark.slow  # each trains or runs subprocesses
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):

@@ -170,6 +170,7 @@ class _PoisonedTask(toy_task.ToyTask):
         return None
 
 
+@pytest.mark.slow
 def test_run_stops_after_consecutive_nonfinite_steps(tmp_path):
     config = _config((8, 1, 1), max_nonfinite_steps=3)
     config.checkpoint.save_every = 2
@@ -220,6 +221,7 @@ def _final_params(state):
     return jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_on_another_mesh_and_continues(tmp_path):
     quiet = dict(console=lambda s: None)
 
@@ -243,6 +245,7 @@ def test_checkpoint_restores_on_another_mesh_and_continues(tmp_path):
                  jax.device_get(resumed.ema_params), jax.device_get(reference.ema_params))
 
 
+@pytest.mark.slow
 def test_loop_writes_metrics_summaries_and_profile(tmp_path):
     import tensorflow as tf
     config = _config((8, 1, 1), log_every=2, summary_every=3, eval_every=4)

@@ -21,6 +21,8 @@ from dalle_jax.train import sharding as sharding_lib
 from dalle_jax.train import trainer
 from tests import toy_task
 
+pytestmark = pytest.mark.slow  # each trains or runs subprocesses
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 300
 

@@ -291,12 +291,13 @@ def test_loss_weighting_on_a_hand_computed_example():
 
 
 @pytest.mark.parametrize("attention, kernel, conv_mask, grid", [
-    ("dense", 3, "raster", (4, 4)),
+    pytest.param("dense", 3, "raster", (4, 4), marks=pytest.mark.slow),
     ("dalle", 3, "raster", (4, 4)),
     ("dalle", 3, "wrap_columns", (4, 4)),
     # k = 5 on a 4x4 grid: windows clipped at the top of the grid.
     (("conv", "column", "row", "dense"), 5, "raster", (4, 4)),
-    (("conv", "column", "row", "dense"), 5, "wrap_columns", (4, 4)),
+    pytest.param(("conv", "column", "row", "dense"), 5, "wrap_columns", (4, 4),
+                 marks=pytest.mark.slow),
     (("conv", "column", "row", "conv"), 3, "raster", (3, 5)),
 ])
 def test_cached_decoding_matches_the_full_pass_at_every_step(attention, kernel, conv_mask,
