@@ -118,6 +118,7 @@ def test_conv_init_statistics():
     assert not np.asarray(params["input"]["bias"]).any()
 
 
+@pytest.mark.slow
 def test_max_pool_matches_flax_and_routes_the_gradient_to_the_maximum():
     x = jax.random.normal(jax.random.key(0), (2, 6, 8, 3))
     np.testing.assert_array_equal(dvae.max_pool_2x2(x),

@@ -122,7 +122,9 @@ def test_deterministic_given_seed(data_dir, tokenizer):
     assert first != second
 
 
-@pytest.mark.parametrize("stop_after", [5, 12, 19])  # mid-epoch, at the epoch boundary, later
+# Mid-epoch, at the epoch boundary, later.
+@pytest.mark.parametrize("stop_after", [5, pytest.param(12, marks=pytest.mark.slow),
+                                        pytest.param(19, marks=pytest.mark.slow)])
 def test_exact_resume(data_dir, tokenizer, stop_after):
     uninterrupted = _take(_pipeline(data_dir, text_tokenizer=tokenizer), 26)
     first = _pipeline(data_dir, text_tokenizer=tokenizer)

@@ -61,6 +61,7 @@ def test_impossible_settings_are_refused(sampler, settings, message):
         sampler.sample(TEXT, settings=settings)
 
 
+@pytest.mark.slow
 def test_top_k_one_is_greedy_decoding(sampler):
     codes = sampler.sample(TEXT, seed=0, settings=SamplingSettings(top_k=1)).reshape(2, -1)
     # Greedy by hand: every token is the argmax given the tokens before it.
@@ -69,6 +70,7 @@ def test_top_k_one_is_greedy_decoding(sampler):
     np.testing.assert_array_equal(np.argmax(logits, -1), codes)
 
 
+@pytest.mark.slow
 def test_guidance_combines_conditional_and_unconditional_logits(sampler):
     settings = SamplingSettings(top_k=1, guidance_scale=3.0)
     codes = sampler.sample(TEXT, seed=0, settings=settings).reshape(2, -1)
@@ -113,6 +115,7 @@ def test_cached_and_uncached_draw_the_same_tokens(sampler):
             sampler.sample(TEXT, seed=11, num_samples=2, settings=settings, cache=False))
 
 
+@pytest.mark.slow
 def test_priming_keeps_rows_and_variations_differ(sampler):
     image = np.arange(18, dtype=np.int32).reshape(2, 3, 3) % CFG.image_vocab_size
     completed = sampler.complete(TEXT, image, prime_rows=2, seed=0, num_samples=3)

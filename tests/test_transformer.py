@@ -238,6 +238,7 @@ def test_per_position_pad_embedding(small):
             np.testing.assert_array_equal(out, text_base)
 
 
+@pytest.mark.slow
 def test_image_position_embedding_is_row_plus_column_on_a_non_square_grid():
     # 3 rows of 5: with one-hot row and column vectors, the input at image position a
     # shows which row and which column embedding it received.
@@ -267,6 +268,7 @@ def test_image_positions_do_not_see_the_future(small):
     assert float(jnp.max(jnp.abs(out[:, 10:] - base[:, 10:]))) > 1e-4
 
 
+@pytest.mark.slow
 def test_loss_weighting_on_a_hand_computed_example():
     text_logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]]))  # B=1, T−1=2
     text = jnp.array([[2, 1, 0]])  # targets: 1, then pad (excluded)
