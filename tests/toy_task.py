@@ -17,7 +17,7 @@ from dalle_jax.config import parse_arg
 from dalle_jax.data import pipeline as pipeline_lib
 from dalle_jax.data import sources
 from dalle_jax.data import text_tokenizer
-from dalle_jax.train import step as step_lib
+from dalle_jax.models import remat
 from dalle_jax.train.defaults import core_config
 
 
@@ -80,7 +80,7 @@ class ToyModel(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "embed"))
         block = ToyBlock
         if self.remat_policy != "none":
-            block = nn.remat(ToyBlock, policy=step_lib.remat_policy(self.remat_policy))
+            block = nn.remat(ToyBlock, policy=remat.policy(self.remat_policy))
         x = block(self.embed, self.mlp, self.dtype, name="block")(x)
         out = nn.Dense(image.size // image.shape[0] // 4, dtype=self.dtype,
                        kernel_init=nn.with_logical_partitioning(

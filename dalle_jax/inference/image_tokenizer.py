@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dalle_jax import config as config_lib
 from dalle_jax.inference import runs
 from dalle_jax.models import dvae as dvae_lib
 from dalle_jax.models import image_tokenizers
@@ -84,7 +85,7 @@ class ImageTokenizerRun:
         if (epath.Path(workdir) / openai_dvae.ARCHITECTURE_FILE).exists():
             return cls.from_openai_conversion(workdir, config)
         if config is None:
-            config = runs.read_config(workdir)
+            config = config_lib.read_config(workdir)
         model = image_tokenizers.from_config(config.model)
         loaded = runs.load_variables(
             workdir, config,

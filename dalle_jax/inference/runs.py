@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from dalle_jax import config as config_lib
 from dalle_jax.train import checkpoint as checkpoint_lib
 from dalle_jax.train import sharding as sharding_lib
 
@@ -69,7 +68,3 @@ def load_variables(workdir: str | epath.PathLike, config: ml_collections.ConfigD
     return LoadedVariables({"params": parts[params_field], **parts.get("model_state", {})},
                            step, use_ema)
 
-
-def read_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
-    """The resolved config that the run in ``workdir`` wrote."""
-    return config_lib.read_config(workdir)

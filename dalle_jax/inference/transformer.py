@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from dalle_jax import config as config_lib
 from dalle_jax.inference import runs
 from dalle_jax.models import transformer as transformer_lib
 from dalle_jax.sampling import sampler as sampler_lib
@@ -37,7 +38,7 @@ class TransformerRun:
         """The run's checkpoint at ``step`` (the latest by default), with ``config`` or
         else the config the run wrote, on ``mesh`` (local devices by default)."""
         if config is None:
-            config = runs.read_config(workdir)
+            config = config_lib.read_config(workdir)
         mesh = runs.local_batch_mesh() if mesh is None else mesh
         model_config = stage2.model_config(config)
         model = transformer_lib.Transformer(model_config)

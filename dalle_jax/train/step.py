@@ -15,12 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dalle_jax.models import remat as remat_lib
 from dalle_jax.train import sharding as sharding_lib
-
-# The policies live with the models that use them; tasks may still read them here.
-REMAT_POLICIES = remat_lib.POLICIES
-remat_policy = remat_lib.policy
 
 
 @flax.struct.dataclass
