@@ -13,6 +13,7 @@ import difflib
 import importlib.util
 import json
 import logging
+import os
 import re
 import sys
 from typing import Any, Callable, Sequence
@@ -23,9 +24,13 @@ from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
+from dalle_jax import errors
 from dalle_jax import files
+from dalle_jax import signals
+from dalle_jax import validate
 
 CONFIG_FILE_NAME = "config.json"
+DEBUG_ENV = "DALLE_JAX_DEBUG"
 
 
 def define_flags() -> None:
@@ -36,6 +41,17 @@ def define_flags() -> None:
         "config", None, "Config file, e.g. configs/input_shapes.py or configs/input_shapes.py:runlocal.",
         lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory of the run (local path or gs://...).")
+    flags.DEFINE_bool("debug", False, "Show the traceback of a refused command (also "
+                      f"{DEBUG_ENV}=1).")
+
+
+def debug_requested(argv: Sequence[str] = ()) -> bool:
+    """Whether a refused command should show its traceback."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return True
+    if "debug" in flags.FLAGS and flags.FLAGS.is_parsed() and flags.FLAGS.debug:
+        return True
+    return any(a in ("--debug", "--debug=true", "--debug=True") for a in argv)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -133,23 +149,47 @@ def check_job_fields(config: ml_collections.ConfigDict, job: str, spec: str) -> 
 
 
 def flags_parser(argv: Sequence[str]) -> list[str]:
-    """absl ``flags_parser`` that turns bad config overrides into one clear line."""
+    """absl ``flags_parser``: a bad command line ends in one clear line and exit 2.
+
+    Loads the config file, checks that it suits the job and that every override names
+    a field, parses the flags, then validates every config value and the workdir
+    (:mod:`dalle_jax.validate`) before the job starts any work.
+    """
     try:
+        job = job_name()
         spec = _config_spec(argv)
+        config = None  # the config file as it is, without the overrides
         if spec is not None:
             config = load_config_file(spec)
-            job = job_name()
             if job is not None:
                 check_job_fields(config, job, spec)
             check_override_keys(config, _override_keys(argv))
-        return flags.FLAGS(list(argv))
-    except KeyError as e:
-        sys.stderr.write(f"error: {e.args[0]}\n")
-    except flags.Error as e:  # a value of the wrong type, named by absl with its key
-        sys.stderr.write(f"error: {e}\n")
-    except (ValueError, FileNotFoundError) as e:  # a bad ':arg' or a missing file
-        sys.stderr.write(f"error: --config: {e}\n")
+        remaining = flags.FLAGS(list(argv))
+        if job is not None and "config" in flags.FLAGS:
+            validate.check_command(job, flags.FLAGS.config,
+                                   flags.FLAGS.workdir if "workdir" in flags.FLAGS else None,
+                                   remaining[1:], defaults=config)
+        return remaining
+    except Exception as e:  # pylint: disable=broad-except
+        if debug_requested(argv):
+            raise
+        message = _one_line_error(e)
+    sys.stderr.write(f"error: {message}\n")
     sys.exit(2)
+
+
+def _one_line_error(e: Exception) -> str:
+    if isinstance(e, errors.UserError):
+        return str(e)
+    if isinstance(e, KeyError):
+        return str(e.args[0])
+    if isinstance(e, flags.Error):  # a value of the wrong type, named by absl with its key
+        return str(e)
+    if isinstance(e, (ValueError, FileNotFoundError)):  # a bad ':arg' or a missing file
+        return f"--config: {e}"
+    # A config file that fails to load: its own error, on one line.
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"--config: {type(e).__name__}: {first}"
 
 
 class _LibraryInfoFilter(logging.Filter):
@@ -163,9 +203,30 @@ class _LibraryInfoFilter(logging.Filter):
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
-    """``absl.app.run`` with config-aware flag errors and quiet library logs."""
+    """``absl.app.run`` for the entry points.
+
+    Config-aware flag errors (:func:`flags_parser`); a :class:`~dalle_jax.errors.UserError`
+    raised by the job is one line and exit 2; a stop signal (:mod:`dalle_jax.signals`)
+    ends the job at a safe point with exit 0; library INFO logs are quiet.
+    """
+    signals.install()
     absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-    app.run(main, flags_parser=flags_parser)
+
+    def guarded(argv):
+        try:
+            with signals.interruptible():
+                return main(argv)
+        except signals.Stop as stop:
+            print(f"stopped by {stop.name}; nothing is half-written: rerun the same "
+                  "command to continue", flush=True)
+            return 0
+        except errors.UserError as e:
+            if debug_requested():
+                raise
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(2)
+
+    app.run(guarded, flags_parser=flags_parser)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> epath.Path:

@@ -15,9 +15,14 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> epath.Path:
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        tmp.replace(path)
+    except BaseException:  # a stop signal or a full disk: leave no temporary behind
+        if tmp.exists():
+            tmp.unlink()
+        raise
     return path

@@ -148,6 +148,22 @@ def test_transformer_measures_training_sampling_and_guidance(runs):
     }
 
 
+def test_checkpoint_measures_hashing_and_the_12b_share(runs):
+    record = runs[1]["checkpoint"]
+    details, bench = record["details"], record["config"]["bench"]
+    assert details["step_bytes"] > 0 and len(details["hash_s"]) == bench["repeats"]
+    # The 12B preset's train state: params, two Adam moments and the EMA, fp32.
+    assert details["params_12b"] == 12_292_836_992
+    assert details["state_bytes_12b"] == 16 * details["params_12b"]
+    assert bench["hosts_12b"] == 16
+    # A smoke run hashes a capped stand-in for the per-host share.
+    assert details["shard_bytes"] == min(details["state_bytes_12b"] // 16,
+                                         bench["max_shard_bytes"])
+    names = [f["name"] for f in record["figures"]]
+    assert any(n.startswith("12B per-host share") for n in names)
+    assert all(f["value"] > 0 for f in record["figures"])
+
+
 def test_page_shows_every_figure_with_its_target(runs, tmp_path):
     output_dir, records = runs
     page = tmp_path / "BENCHMARKS.md"

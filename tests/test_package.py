@@ -25,7 +25,7 @@ ALLOWED = {
     "stages": {"data", "models", "sampling", "train", "inference"},
     "inference": {"data", "models", "sampling", "stages", "train"},
 }
-TOP_LEVEL = {"config", "files", "visualize", "tools"}
+TOP_LEVEL = {"config", "errors", "files", "signals", "validate", "visualize", "tools"}
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from dalle_jax.train import checkpoint as checkpoint_lib
-from dalle_jax.train import sharding as sharding_lib
 from dalle_jax.train import trainer
 from tests import toy_task
 
@@ -66,16 +65,7 @@ def _run_until_step(command, step, sig, after_checkpoint=None):
 
 
 def _restore(workdir, config, step=None):
-    """The state (on 8 devices) and data state saved in ``workdir``."""
-    mesh = sharding_lib.make_mesh(config.mesh)
-    training = trainer.build(config, toy_task.ToyTask(config, None, mesh), mesh,
-                             sharding_lib.logical_rules(config.sharding))
-    checkpoints = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", save_interval_steps=1)
-    try:
-        state, data_state, saved_step = checkpoints.restore(training.abstract_state, step)
-    finally:
-        checkpoints.close()
-    return jax.device_get(state), data_state, saved_step
+    return toy_task.restore_run(workdir, config, step)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +106,7 @@ def test_sigterm_saves_at_the_current_step_and_exits_zero(shapes_dir, tmp_path):
                        "--config.total_steps=400", "--config.checkpoint.save_every=1000")
     returncode, output = _run_until_step(command, 3, signal.SIGTERM)
     assert returncode == 0, output
-    saved = int(re.search(r"preempted: saved step (\d+)", output).group(1))
+    saved = int(re.search(r"preempted \(SIGTERM\): saved step (\d+)", output).group(1))
     assert 3 <= saved < 400
     checkpoints = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", save_interval_steps=1)
     assert checkpoints.all_steps() == [saved]

@@ -39,7 +39,8 @@ def get_config(arg=None):
         data_dir="", name="captioned_shapes", image_size=16, num_train=256,
         num_validation=32, num_test=16, num_holdout=16,
         holdout_pairs=(("green", "triangle"),), dataset_seed=0, preprocess="resize",
-        shuffle_buffer=64, image_key="image", caption_key="caption"))
+        shuffle_buffer=64, image_key="image", caption_key="caption",
+        eval_batches=2))  # of the synthetic data
     config.text = ml_collections.ConfigDict(dict(
         tokenizer_path="", vocab_size=64, model_type="bpe", text_len=32, bpe_dropout=0.1))
     return config
@@ -186,7 +187,7 @@ class ToyTask:
 
     def eval_data(self):
         if self.config.data.source == "synthetic":
-            return self._synthetic(num_batches=2)
+            return self._synthetic(num_batches=self.config.data.eval_batches)
         return pipeline_lib.make_pipeline(self.config, "validation", train=False,
                                           text_tokenizer=self._text())
 
@@ -197,3 +198,20 @@ class ToyTask:
 
 def make_task(config, workdir, mesh):
     return ToyTask(config, workdir, mesh)
+
+
+def restore_run(workdir, config, step=None):
+    """The train state (on host) and this process's data state saved in ``workdir`` at
+    ``step`` (the latest by default), restored on 8 devices as ``config`` lays them out."""
+    from dalle_jax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+    from dalle_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+    from dalle_jax.train import trainer  # pylint: disable=g-import-not-at-top
+    mesh = sharding_lib.make_mesh(config.mesh)
+    training = trainer.build(config, ToyTask(config, None, mesh), mesh,
+                             sharding_lib.logical_rules(config.sharding))
+    checkpoints = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", save_interval_steps=1)
+    try:
+        state, data_state, saved_step = checkpoints.restore(training.abstract_state, step)
+    finally:
+        checkpoints.close()
+    return jax.device_get(state), data_state, saved_step

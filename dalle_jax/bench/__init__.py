@@ -1,6 +1,6 @@
 """Benchmarks: one module per benchmark, the JSON record of a run, the results page.
 
-``python -m dalle_jax.tools.bench <input|dvae|transformer|all|report>`` runs them;
+``python -m dalle_jax.tools.bench <input|dvae|transformer|checkpoint|all|report>`` runs them;
 each benchmark reads ``configs/bench_<name>.py`` (its targets included) and writes
 ``benchmarks/<name>.json``, from which ``BENCHMARKS.md`` is rendered.
 """
@@ -33,4 +33,10 @@ BENCHMARKS = {b.name: b for b in (
               "or on a CPU a measured matmul), KV-cached against uncached sampling, and "
               "the cost of classifier-free guidance, on one device with random weights.",
               "dalle_jax.bench.transformer"),
+    Benchmark("checkpoint", "Checkpoint checksums",
+              "What the sha256 of every checkpoint file costs: hashing a saved step on the "
+              "background thread, verifying it before a resume, the training thread's "
+              "time in save() with and without, and hashing one host's share of the 12B "
+              "preset's checkpoint.",
+              "dalle_jax.bench.checkpoint"),
 )}

@@ -67,7 +67,7 @@ class _SyntheticTask(stage2.TransformerTask):
         pass
 
 
-class _TrainCase:
+class TrainCase:
     """One compiled training step (dtype, batch size) on one device, and its state."""
 
     def __init__(self, config, dtype: str, batch_size: int, device: jax.Device):
@@ -124,7 +124,7 @@ def measure(config: ml_collections.ConfigDict, *, workdir: str | None = None,
     train_cases = {}
     for dtype in bench.dtypes:
         for batch_size in bench.train_batch_sizes:
-            case = _TrainCase(config, dtype, batch_size, device)
+            case = TrainCase(config, dtype, batch_size, device)
             train_cases[(dtype, batch_size)] = case
             cases[f"train {dtype} batch {batch_size}"] = case.step
     # Sampling runs in the config's own compute dtype.

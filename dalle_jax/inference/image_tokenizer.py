@@ -22,12 +22,15 @@ import ml_collections
 import numpy as np
 
 from dalle_jax import config as config_lib
+from dalle_jax import errors
 from dalle_jax.inference import runs
 from dalle_jax.models import dvae as dvae_lib
 from dalle_jax.models import image_tokenizers
 from dalle_jax.models import openai_dvae
 from dalle_jax.stages import image_tokenizer as stage1
 from dalle_jax.train import sharding as sharding_lib
+
+STAGE1_TASK = stage1.__name__  # the task of a stage-1 run's config.json
 
 
 def check_images(images: Any, image_size: int) -> np.ndarray:
@@ -84,8 +87,16 @@ class ImageTokenizerRun:
         """
         if (epath.Path(workdir) / openai_dvae.ARCHITECTURE_FILE).exists():
             return cls.from_openai_conversion(workdir, config)
+        if not (epath.Path(workdir) / config_lib.CONFIG_FILE_NAME).exists():
+            raise runs.RunError(f"{workdir} is not a stage-1 run: it has no "
+                                f"{config_lib.CONFIG_FILE_NAME}")
+        run_config = config_lib.read_config(workdir)
+        task = run_config.get("task", "")
+        if task != STAGE1_TASK:
+            raise runs.RunError(f"{workdir} is a run of {task or 'no stage'}, not a stage-1 "
+                                f"run ({STAGE1_TASK})")
         if config is None:
-            config = config_lib.read_config(workdir)
+            config = run_config
         model = image_tokenizers.from_config(config.model)
         loaded = runs.load_variables(
             workdir, config,
@@ -108,8 +119,9 @@ class ImageTokenizerRun:
             data=dict(image_size=image_size)))
         factor = dvae_lib.downsample_factor(encoder.group_count)
         if image_size % factor:
-            raise ValueError(f"image size {image_size} is not divisible by the dVAE's "
-                             f"downsample factor {factor}")
+            raise errors.ConfigError(
+                "data.image_size", f"must be a multiple of the converted dVAE's downsample "
+                f"factor {factor}, got {image_size}")
         return cls(run_config, image_tokenizers.from_config(run_config.model),
                    {"params": params}, 0)
 

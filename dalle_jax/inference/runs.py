@@ -16,10 +16,15 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from dalle_jax import errors
 from dalle_jax.train import checkpoint as checkpoint_lib
 from dalle_jax.train import sharding as sharding_lib
 
 CHECKPOINTS = "checkpoints"
+
+
+class RunError(errors.UserError, FileNotFoundError):
+    """A directory that is not a run of the kind asked for, or has no checkpoint yet."""
 
 
 @dataclasses.dataclass
@@ -46,7 +51,9 @@ def load_variables(workdir: str | epath.PathLike, config: ml_collections.ConfigD
     """
     directory = epath.Path(workdir) / CHECKPOINTS
     if not directory.exists():
-        raise FileNotFoundError(f"no checkpoints in {workdir}: is it a training run?")
+        raise RunError(f"no checkpoints in {workdir}: is it a training run?")
+    if step is None and not any(p.name.isdigit() for p in directory.iterdir()):
+        raise RunError(f"no checkpoint in {directory} yet: train the run until it saves one")
     rules = sharding_lib.logical_rules(config.sharding)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(init, jax.random.key(0))

@@ -13,7 +13,7 @@ targets), weighted 1/8 and 7/8 by default.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from absl import logging
 import jax

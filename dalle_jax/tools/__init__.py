@@ -1,8 +1,16 @@
 """Entry points: one thin module per job, each run as ``python -m dalle_jax.tools.<job>``."""
 import os
+import sys
 
 # tf.data is the only TensorFlow here; keep its start-up quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+if sys.argv[:1] == ["-m"]:
+    # A job starting (``python -m dalle_jax.tools.<job>``: argv[0] is "-m" while the
+    # module is located). Catch SIGTERM and SIGINT before the slow imports (jax,
+    # tensorflow) so that a stop during start-up also ends cleanly, with exit 0.
+    from dalle_jax import signals  # pylint: disable=g-import-not-at-top
+    signals.install()
 
 # The top-level config fields each job reads, checked before it starts so that a config
 # meant for another job stops with one line instead of failing half-way (a data-only

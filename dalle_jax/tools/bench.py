@@ -25,9 +25,11 @@ import shlex
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from dalle_jax import config as config_lib
+from dalle_jax import errors
+from dalle_jax import validate
 from dalle_jax.bench import BENCHMARKS
 
 config_lib.define_flags()
@@ -70,9 +72,11 @@ def _with_default_config(argv: list[str]) -> list[str]:
     name = argv[positional[0]]
     has_file = any(a == "--config" or a.startswith("--config=") for a in argv)
     if name == "all" and (has_file or any(a.startswith("--config.") for a in argv)):
-        sys.exit("error: `all` reads <config_dir>/bench_<name>.py for every benchmark: name "
-                 "one benchmark to pass --config or overrides, or give every config an "
-                 "argument with --config_arg")
+        sys.stderr.write(
+            "error: --config: `all` reads <config_dir>/bench_<name>.py for every benchmark: "
+            "name one benchmark to pass --config or overrides, or give every config an "
+            "argument with --config_arg\n")
+        sys.exit(2)
     if name in BENCHMARKS and not has_file:
         default = f"--config={os.path.join('configs', f'bench_{name}.py')}"
         return [*argv[:positional[0] + 1], default, *argv[positional[0] + 1:]]
@@ -105,14 +109,21 @@ def _run_all() -> int:
     for name in BENCHMARKS:
         spec = os.path.join(_CONFIG_DIR.value, f"bench_{name}.py")
         specs[name] = f"{spec}:{_CONFIG_ARG.value}" if _CONFIG_ARG.value else spec
-    # Every config is read up front: a bad --config_arg fails before any timing starts.
-    try:
-        runlocal = {name: bool(config_lib.load_config_file(spec).get("runlocal", False))
-                    for name, spec in specs.items()}
-    except (ValueError, FileNotFoundError) as e:
-        raise app.UsageError(str(e)) from e
+    # Every config is read and checked (dalle_jax.validate) up front: a bad --config_arg
+    # or config value fails before any timing starts.
+    runlocal = {}
+    for name, spec in specs.items():
+        try:
+            config = config_lib.load_config_file(spec)
+        except (ValueError, FileNotFoundError) as e:
+            raise errors.UserError(f"--config_arg: {spec}: {e}") from e
+        try:
+            validate.check_config("bench", config, defaults=config_lib.load_config_file(spec))
+        except errors.UserError as e:
+            raise errors.UserError(f"{spec}: {e}") from e
+        runlocal[name] = bool(config.get("runlocal", False))
     if len(set(runlocal.values())) > 1:
-        raise app.UsageError(f"the configs disagree on runlocal: {runlocal}")
+        raise errors.UserError(f"--config_arg: the configs disagree on runlocal: {runlocal}")
     records_dir = output_dir(any(runlocal.values()))
     passed = [f"--{flag}={flags.FLAGS[flag].value}" for flag in ("output_dir", "page", "workdir")
               if flags.FLAGS[flag].present]
@@ -130,10 +141,7 @@ def _run_all() -> int:
 
 
 def main(argv):
-    commands = argv[1:]
-    if len(commands) != 1 or commands[0] not in COMMANDS:
-        raise app.UsageError(f"name one of {', '.join(COMMANDS)}; got {commands or 'none'}")
-    command = commands[0]
+    command = argv[1]  # one of COMMANDS, checked before main (dalle_jax.validate)
     if command == "all":
         sys.exit(_run_all())
     if command == "report":

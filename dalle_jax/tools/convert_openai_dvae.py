@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 
 from dalle_jax import config as config_lib
@@ -24,10 +24,8 @@ config_lib.define_flags()
 
 def main(argv):
     del argv
+    # The pickles, output_dir and overwrite are checked before main (dalle_jax.validate).
     config = flags.FLAGS.config
-    missing = [key for key in ("encoder_pkl", "decoder_pkl", "output_dir") if not config[key]]
-    if missing:
-        raise app.UsageError(f"set --config.{', --config.'.join(missing)}")
     start = time.perf_counter()
     params = openai_dvae.convert(config.encoder_pkl, config.decoder_pkl, config.output_dir,
                                  config.model, overwrite=config.overwrite)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import flags
 from dalle_jax import config as config_lib
 from dalle_jax import visualize
 from dalle_jax.data import pipeline as pipeline_lib
@@ -23,9 +23,7 @@ config_lib.define_flags()
 
 def main(argv):
     del argv
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if workdir is None:
-        raise app.UsageError("--workdir is required")
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir  # checked (dalle_jax.validate)
     config_lib.write_config(config, workdir)
 
     start = time.perf_counter()
@@ -51,7 +49,7 @@ def main(argv):
         for _ in range(steps):
             next(pipeline)
         rate = steps * count / (time.perf_counter() - start)
-    print(f"batch: " + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in batch.items()))
+    print("batch: " + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in batch.items()))
     print(f"pipeline: {rate:.0f} examples/s (batch {count}, warm)")
 
     lengths = (batch["text_tokens"] != text_tokenizer.PAD_ID).sum(-1)

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 from typing import Iterator
 
-from absl import app, flags
+from absl import flags
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
@@ -24,6 +24,7 @@ import tensorflow as tf
 import tqdm
 
 from dalle_jax import config as config_lib
+from dalle_jax import errors
 from dalle_jax.data import code_records
 from dalle_jax.data import pipeline as pipeline_lib
 from dalle_jax.data import sources
@@ -87,21 +88,24 @@ def encode_split(tokenizer, config, split: str, output_dir: str, *, batch_size: 
 
 def main(argv):
     del argv
+    # The stage-1 run, the output folder and the splits are checked before main
+    # (dalle_jax.validate); what depends on the devices is checked here, before loading.
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if workdir is None:
-        raise app.UsageError("--workdir (the stage-1 run) is required")
-    if not config.encode.output_dir:
-        raise app.UsageError("set --config.encode.output_dir")
     distributed.initialize_from_flags()
+    devices = jax.local_device_count()
+    if config.encode.batch_size % devices:
+        raise errors.ConfigError(
+            "encode.batch_size", f"must split over the {devices} local devices, got "
+            f"{config.encode.batch_size}")
+    chunk = config.encode.chunk_size
+    per_device = config.encode.batch_size // devices
+    if chunk > 0 and chunk < per_device and per_device % chunk:
+        raise errors.ConfigError(
+            "encode.chunk_size", f"must divide the {per_device} images per local device "
+            f"of a batch (encode.batch_size {config.encode.batch_size} over {devices} "
+            f"devices), got {chunk}")
     from dalle_jax.inference.image_tokenizer import ImageTokenizerRun  # pylint: disable=g-import-not-at-top
     tokenizer = ImageTokenizerRun.load(workdir, config)
-    if config.encode.batch_size % jax.local_device_count():
-        raise app.UsageError("config.encode.batch_size must split over the local devices")
-    chunk = config.encode.chunk_size
-    per_device = config.encode.batch_size // jax.local_device_count()
-    if chunk > 0 and chunk < per_device and per_device % chunk:
-        raise app.UsageError(f"config.encode.chunk_size {chunk} must divide the "
-                             f"{per_device} images per local device of a batch")
     tokenizer = dataclasses.replace(tokenizer, encode_chunk_size=chunk)
     for split in config.encode.splits:
         entries = encode_split(tokenizer, config, split, config.encode.output_dir,

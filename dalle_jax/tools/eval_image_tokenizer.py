@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app, flags
+from absl import flags
 from etils import epath
 import numpy as np
 
@@ -57,9 +57,8 @@ def evaluate(image_tokenizer, config, split: str, batch_size: int = 128) -> dict
 
 def main(argv):
     del argv
+    # A stage-1 run whose model is the config's, checked before main (dalle_jax.validate).
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if workdir is None:
-        raise app.UsageError("--workdir (the stage-1 run) is required")
     from dalle_jax.inference.image_tokenizer import ImageTokenizerRun  # pylint: disable=g-import-not-at-top
     image_tokenizer = ImageTokenizerRun.load(workdir, config)
     split = _SPLIT.value or config.stage1.eval_split

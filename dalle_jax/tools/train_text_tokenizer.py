@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 
-from absl import app, flags
+from absl import flags
 
 from dalle_jax import config as config_lib
+from dalle_jax import errors
 from dalle_jax.data import sources
 from dalle_jax.data import text_tokenizer
 
@@ -35,19 +37,24 @@ def describe(tokenizer: text_tokenizer.TextTokenizer, captions: list[str]) -> st
 
 def main(argv):
     del argv
+    # --workdir (or config.text.tokenizer_path), --split and --overwrite are checked
+    # before main (dalle_jax.validate).
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if workdir is None and not config.text.tokenizer_path:
-        raise app.UsageError("--workdir is required (the text tokenizer is saved beside "
-                             "the run)")
     path = text_tokenizer.text_tokenizer_path(config.text, workdir)
-    if path.exists() and not _OVERWRITE.value:
-        raise app.UsageError(f"{path} exists; pass --overwrite to replace it")
-    if workdir:
-        config_lib.write_config(config, workdir)
     source = sources.make_source(config.data, _SPLIT.value)
     with contextlib.closing(sources.iter_captions(source)) as captions:
-        tokenizer = text_tokenizer.train_or_load_text_tokenizer(
-            config.text, workdir, captions, overwrite=True)
+        try:
+            tokenizer = text_tokenizer.train_or_load_text_tokenizer(
+                config.text, workdir, captions, overwrite=True)
+        except RuntimeError as e:  # sentencepiece's own check, on the captions' characters
+            if "Vocabulary size is smaller than required_chars" not in str(e):
+                raise
+            needed = re.search(r"vs (\d+)", str(e))
+            raise errors.ConfigError(
+                "text.vocab_size", f"{config.text.vocab_size} is smaller than the pieces the "
+                f"captions' characters need ({needed.group(1) if needed else 'more'})") from None
+    if workdir:
+        config_lib.write_config(config, workdir)
     with contextlib.closing(sources.iter_captions(source)) as captions:
         sample = list(itertools.islice(captions, 2000))
     print(f"text tokenizer: {path}\n{describe(tokenizer, sample)}")

@@ -69,6 +69,10 @@ def core_config() -> ml_collections.ConfigDict:
         max_to_keep=3,
         keep_every=0,  # also keep every k-th step's checkpoint; 0 disables
         async_save=True,
+        # A damaged latest step (truncated, deleted or overwritten files) is moved to
+        # <workdir>/checkpoints.damaged and the run resumes from the newest intact
+        # one; True stops the run instead.
+        strict=False,
     ))
 
     # Trace steps [start_step, start_step + num_steps) into <workdir>/profile.

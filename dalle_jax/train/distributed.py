@@ -7,11 +7,11 @@ CPU collectives over gloo), or auto-detected on Cloud TPU pods and SLURM.
 from __future__ import annotations
 
 import os
-import signal
-import threading
 
 from absl import flags, logging
 import jax
+
+from dalle_jax import signals
 
 
 def define_flags() -> None:
@@ -58,25 +58,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 class PreemptionWatcher:
-    """Tells the loop to save and stop after a preemption notice (SIGTERM).
+    """Tells the loop to save and stop after a stop signal (SIGTERM, SIGINT).
 
-    With several processes, jax's preemption sync point makes all of them stop at
-    the same step; a single process watches for SIGTERM itself.
+    A single process asks :mod:`dalle_jax.signals` (installing its SIGTERM handler
+    when no entry point did: a library caller keeps Ctrl-C as it was). With several processes, jax's preemption service owns SIGTERM
+    and its sync point makes all of them stop at the same step.
     """
 
     def __init__(self, checkpointer):
         self._checkpointer = checkpointer
-        self._signalled = threading.Event()
         self._multi_process = jax.process_count() > 1
-        if not self._multi_process and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM: saving at the current step, then stopping")
-        self._signalled.set()
+        if not self._multi_process and not signals.installed():
+            signals.install(sigint=False)
 
     def should_stop(self, step: int) -> bool:
         if self._multi_process:
             return self._checkpointer.reached_preemption(step)
-        return self._signalled.is_set()
+        return signals.requested() is not None

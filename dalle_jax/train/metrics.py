@@ -260,8 +260,46 @@ def _console_order(names: list[str]) -> list[str]:
 _SUMMARY_DATA_CLASSES = {"scalars": 1, "text": 2, "images": 3}  # scalar, tensor, blob sequence
 
 
+def truncate_event_files(logdir: str, after_step: int) -> int:
+    """Drops the events of steps after ``after_step`` from ``logdir``'s event files.
+
+    A run resumed from step s redoes the steps after s; without this TensorBoard
+    would draw those steps twice (once from the interrupted run's file). Each file
+    that has such events is rewritten under a temporary name and renamed over the
+    original. A record cut short by a kill ends the file. Returns the events dropped.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+
+    dropped = 0
+    for path in sorted(tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        kept, dropped_here = [], 0
+        try:
+            for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+                event = event_pb2.Event.FromString(record)
+                if event.step > after_step:
+                    dropped_here += 1
+                else:
+                    kept.append(record)
+        except tf.errors.DataLossError:
+            dropped_here += 1  # a truncated last record
+        if not dropped_here:
+            continue
+        tmp = os.path.join(logdir, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        with tf.io.TFRecordWriter(tmp) as writer:
+            for record in kept:
+                writer.write(record)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+        dropped += dropped_here
+    return dropped
+
+
 class MetricWriter:
-    """TensorBoard event files plus concise console lines; only process 0 writes."""
+    """TensorBoard event files plus concise console lines; only process 0 writes.
+
+    ``start_step`` is the step a resumed run starts from: events the interrupted run
+    wrote after it are dropped first, so that TensorBoard shows one curve.
+    """
 
     def __init__(
         self,
@@ -269,6 +307,7 @@ class MetricWriter:
         *,
         process_index: int | None = None,
         console: Callable[[str], Any] = print,
+        start_step: int | None = None,
     ):
         self.logdir = str(logdir)
         self.process_index = jax.process_index() if process_index is None else process_index
@@ -279,6 +318,8 @@ class MetricWriter:
             import tensorflow as tf  # imported only where it writes: it is slow to load
 
             self._tf = tf
+            if start_step is not None and tf.io.gfile.isdir(self.logdir):
+                truncate_event_files(self.logdir, start_step)
             self._writer = tf.summary.create_file_writer(self.logdir)
 
     def _write(self, tag: str, tensor: Any, plugin: str) -> None:
@@ -325,13 +366,14 @@ class MetricWriter:
             for name, text in texts.items():
                 self._write(name, self._tf.constant(str(text)), "text")
 
-    def write_hparams(self, config_dict: Mapping) -> None:
-        """The flattened config as a Markdown table under the ``config`` text tag."""
+    def write_hparams(self, config_dict: Mapping, step: int = 0) -> None:
+        """The flattened config as a Markdown table under the ``config`` text tag, at
+        the step the run starts from."""
         if self._writer is None:
             return
         flat = sorted(flatten_dict(config_dict).items())
         rows = [f"| `{key}` | `{value!r}` |" for key, value in flat]
-        self.write_text(0, {"config": "\n".join(["| key | value |", "|---|---|", *rows])})
+        self.write_text(step, {"config": "\n".join(["| key | value |", "|---|---|", *rows])})
 
     def console_line(self, step: int, total_steps: int, scalars: Mapping[str, float]) -> str:
         """Formats ``scalars`` into one line, prints it on process 0 and returns it."""

@@ -12,6 +12,7 @@ data iterators included, so the run continues exactly as if uninterrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 from typing import Any, Callable, Iterator, Mapping, Protocol
@@ -23,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax import config as config_lib
+from dalle_jax import errors
+from dalle_jax import signals
 from dalle_jax.train import checkpoint as checkpoint_lib
 from dalle_jax.train import distributed
 from dalle_jax.train import metrics as metrics_lib
@@ -81,7 +84,7 @@ class Task(Protocol):
 def load_task(config, workdir: str, mesh) -> Task:
     """Imports ``config.task`` and calls its ``make_task(config, workdir, mesh)``."""
     if not config.task:
-        raise ValueError("config.task names the stage's module, e.g. "
+        raise errors.ConfigError("task", "names the stage's module, e.g. "
                          "dalle_jax.stages.image_tokenizer")
     module = importlib.import_module(config.task)
     return module.make_task(config, workdir, mesh)
@@ -95,31 +98,37 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
                        devices=None, console=print) -> Any:
     """Trains ``config.task`` (or ``task``) in ``workdir``; returns the final state.
 
-    ``devices`` (all by default) are those the mesh spans.
+    ``devices`` (all by default) are those the mesh spans. A stop signal
+    (:mod:`dalle_jax.signals`) during the loop saves the current step and returns;
+    during start-up, restore or an evaluation it cuts that work short first.
     """
-    # ---------------------------------------------------------------- logging
-    writer = metrics_lib.MetricWriter(f"{workdir}/tensorboard", console=console)
-    if jax.process_index() == 0:
-        config_lib.write_config(config, workdir)
-    writer.write_hparams(config.to_dict())
+    resources = contextlib.ExitStack()
+    try:
+        return _train(config, workdir, task, devices, console, resources)
+    finally:
+        with signals.deferred():  # a second signal must not cut the clean-up short
+            resources.close()
 
+
+def _train(config, workdir, task, devices, console, resources) -> Any:
     # ---------------------------------------------------------------- mesh
     mesh = sharding_lib.make_mesh(config.mesh, devices)
     rules = sharding_lib.logical_rules(config.sharding)
     logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
     if config.batch_size % sharding_lib.batch_shard_count(mesh):
-        raise ValueError(
-            f"batch_size {config.batch_size} does not split over the batch axes ("
+        raise errors.ConfigError(
+            "batch_size", f"{config.batch_size} does not split over the batch axes ("
             + " x ".join(f"{a} {mesh.shape[a]}" for a in sharding_lib.BATCH_AXES) + ")")
 
     # ---------------------------------------------------------------- input
     if task is None:
         task = load_task(config, workdir, mesh)
     train_data = task.train_data()
+    # Pipelines build their tf.data iterator on the first batch, so this covers it.
+    resources.callback(close_data, train_data)
 
     # ---------------------------------------------------------------- model, sharding, step
     training = build(config, task, mesh, rules)
-    state_shardings = training.state_shardings
 
     # ---------------------------------------------------------------- checkpoint
     checkpointer = checkpoint_lib.Checkpointer(
@@ -128,9 +137,13 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
         max_to_keep=config.checkpoint.max_to_keep,
         keep_period=config.checkpoint.keep_every,
         async_save=config.checkpoint.async_save)
+    resources.callback(checkpointer.close)  # waits for the save in flight
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        if checkpointer.latest_step() is not None:
-            state, data_state, step = checkpointer.restore(training.abstract_state)
+        restored = checkpointer.restore_latest(
+            training.abstract_state, strict=config.checkpoint.get("strict", False),
+            report=console)
+        if restored is not None:
+            state, data_state, step = restored
             if data_state is None:
                 logging.warning("checkpoint written by another number of processes: "
                                 "the input starts from its beginning")
@@ -144,9 +157,19 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
         logging.warning("large parameters replicated on every device: %s", unsharded)
     # A copy that the donated state cannot invalidate.
     base_rng = jax.device_put(np.asarray(state.rng), sharding_lib.replicated(mesh))
+    step = int(state.step)
+
+    # ---------------------------------------------------------------- logging
+    # Written once the run is known to be usable; a resumed run's TensorBoard files
+    # lose the steps after ``step`` (they are redone), so the curves stay single.
+    if jax.process_index() == 0:
+        config_lib.write_config(config, workdir)
+    writer = metrics_lib.MetricWriter(f"{workdir}/tensorboard", console=console,
+                                      start_step=step if restored is not None else None)
+    resources.callback(writer.close)
+    writer.write_hparams(config.to_dict(), step=step)
 
     # ---------------------------------------------------------------- loop
-    step = int(state.step)
     peak, peak_source = metrics_lib.peak_flops_per_device(
         jnp.dtype(config.train.compute_dtype))
     logging.info("peak %.3g FLOP/s per device (%s)", peak, peak_source)
@@ -157,6 +180,7 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
     fetcher = metrics_lib.LateFetcher()
     profiler = metrics_lib.Profiler(workdir, start_step=config.profile.start_step,
                                     num_steps=config.profile.num_steps)
+    resources.callback(profiler.close)
     preemption = distributed.PreemptionWatcher(checkpointer)
     log_every = max(1, config.train.log_every)
     train_metrics: list[dict[str, float]] = []
@@ -188,7 +212,19 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
             writer.write_scalars(done_step, {f"train/{k}": v for k, v in summary.items()})
             writer.console_line(done_step, config.total_steps, summary)
 
-    try:
+    def stop(step: int, during: str = ""):
+        """Saves ``step`` (unless saved already), waits for it and reports."""
+        handle(fetcher.flush())
+        checkpointer.save(step, state, train_data.get_state(), force=True)
+        checkpointer.wait_until_finished()
+        console(f"preempted ({signals.requested() or 'preemption notice'}{during}): saved "
+                f"step {step}; rerun the same command to resume")
+        return state
+
+    # Inside the loop a stop signal only marks the request: the step in flight and a
+    # checkpoint being written finish, then the loop saves and returns. Summaries
+    # and evaluations may be cut short (their results are not part of the state).
+    with signals.deferred():
         while step < config.total_steps:
             profiler.step(step)
             batch = next(train_data)
@@ -197,32 +233,35 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
                 state, step_metrics = training.train_step(state, device_batch, base_rng)
             step += 1
             handle(fetcher.push(step, step_metrics))
+            checkpointer.poll()
 
             if checkpointer.should_save(step):
                 checkpointer.save(step, state, train_data.get_state())
             if preemption.should_stop(step):
-                handle(fetcher.flush())
-                checkpointer.save(step, state, train_data.get_state(), force=True)
-                checkpointer.wait_until_finished()
-                console(f"preempted: saved step {step}, stopping")
-                return state
-            if config.train.summary_every and step % config.train.summary_every == 0:
-                # The parameters evaluation uses: the EMA when the run keeps one.
-                params = state.ema_params if state.ema_params is not None else state.params
-                writer.write_images(step, task.summaries(params, state.model_state, batch))
-            if config.train.eval_every and step % config.train.eval_every == 0:
-                evaluate(task, state, training, mesh, rules, writer, step, console)
+                return stop(step)
+            summarize = config.train.summary_every and step % config.train.summary_every == 0
+            evaluating = config.train.eval_every and step % config.train.eval_every == 0
+            if summarize or evaluating:
+                try:
+                    with signals.interruptible():
+                        if summarize:
+                            # The parameters evaluation uses: the EMA when the run keeps one.
+                            params = (state.ema_params if state.ema_params is not None
+                                      else state.params)
+                            writer.write_images(step, task.summaries(
+                                params, state.model_state, batch))
+                        if evaluating:
+                            evaluate(task, state, training, mesh, rules, writer, step,
+                                     console)
+                except signals.Stop:
+                    return stop(step, during=" during an evaluation")
         handle(fetcher.flush())
-        if step not in checkpointer.all_steps():
-            checkpointer.save(step, state, train_data.get_state(), force=True)
-        evaluate(task, state, training, mesh, rules, writer, step, console)
-    finally:
-        # Pipelines build their tf.data iterator on the first batch, so this covers it.
-        close_data(train_data)
-        profiler.close()
-        checkpointer.wait_until_finished()
-        checkpointer.close()
-        writer.close()
+        checkpointer.save(step, state, train_data.get_state(), force=True)
+        try:
+            with signals.interruptible():
+                evaluate(task, state, training, mesh, rules, writer, step, console)
+        except signals.Stop:
+            return stop(step, during=" during the final evaluation")
     return state
 
 
@@ -232,6 +271,7 @@ def evaluate(task: Task, state, training: "Training", mesh, rules, writer, step:
     data = task.eval_data()
     if data is None:
         return {}
+    logging.info("evaluating at step %d", step)
     params = state.ema_params if state.ema_params is not None else state.params
     totals: dict[str, float] = {}
     count = 0.0

@@ -1,0 +1,106 @@
+"""SIGTERM and SIGINT: stop at a safe point, never half-way through a write.
+
+A job installs the handler before anything slow starts (:func:`install`). What a
+signal does then depends on where the main thread is:
+
+- inside :func:`interruptible` (start-up, restore, compile, evaluation, an entry
+  point's whole ``main``): :class:`Stop` is raised at once, and the job unwinds;
+- inside :func:`deferred` (a training step, a checkpoint save): the request is only
+  recorded; the loop asks :func:`requested` at its next step boundary, saves and stops;
+- elsewhere (before ``main`` starts): recorded, and raised on entering
+  :func:`interruptible`.
+
+Only the first signal acts; later ones are logged and ignored, so a stop in progress
+(a final save) is never cut short by a second Ctrl-C. On a multi-process run jax's
+preemption service owns SIGTERM (see ``train.distributed``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from typing import Iterator
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_requested: int | None = None
+_modes: list[str] = []  # "raise" | "defer"; the innermost is last
+_installed = False
+
+
+class Stop(BaseException):
+    """A stop signal arrived where the work in progress may be abandoned.
+
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` handlers
+    on the way out do not swallow it.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def _handler(signum, frame) -> None:
+    del frame
+    global _requested
+    name = signal.Signals(signum).name
+    if _requested is not None:
+        logging.warning("%s: already stopping", name)
+        return
+    _requested = signum
+    if _modes and _modes[-1] == "raise":
+        raise Stop(signum)
+    logging.warning("%s: stopping at the next safe point", name)
+
+
+def install(sigint: bool = True) -> bool:
+    """Installs the handler for SIGTERM and, unless ``sigint`` is False (a library
+    caller keeping Ctrl-C's usual meaning), SIGINT. Main thread only; idempotent."""
+    global _installed
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    for signum in _SIGNALS if sigint else (signal.SIGTERM,):
+        signal.signal(signum, _handler)
+    _installed = True
+    return True
+
+
+def installed() -> bool:
+    return _installed
+
+
+def requested() -> str | None:
+    """The name of the stop signal received, or None."""
+    return None if _requested is None else signal.Signals(_requested).name
+
+
+def reset() -> None:
+    """Forgets a received signal (tests; a library caller that handled the stop)."""
+    global _requested
+    _requested = None
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """A region a stop signal may cut short: :class:`Stop` is raised in it."""
+    _modes.append("raise")
+    try:
+        if _requested is not None:
+            raise Stop(_requested)
+        yield
+    finally:
+        _modes.pop()
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A region that must not be cut: a stop signal is only recorded."""
+    _modes.append("defer")
+    try:
+        yield
+    finally:
+        _modes.pop()
