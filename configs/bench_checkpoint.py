@@ -37,7 +37,7 @@ def get_config(arg=None):
     for axis in ("fsdp", "tensor"):
         chips *= config.big.mesh[axis]
     config.bench = ml_collections.ConfigDict(dict(
-        repeats=5,  # saves timed with and without checksums, alternated; medians
+        repeats=9,  # saves timed with and without checksums, alternated; medians
         shard_repeats=3,
         chips_per_host=4,  # TPU v4 / v5p hosts
         # The smallest slice holding the preset's mesh (fsdp x tensor chips, one data
