@@ -209,10 +209,12 @@ def run(main: Callable[[list[str]], Any]) -> None:
     raised by the job is one line and exit 2; a stop signal (:mod:`dalle_jax.signals`)
     ends the job at a safe point with exit 0; library INFO logs are quiet.
     """
-    signals.install()
+    if not signals.installed():
+        signals.install(before_start=True)
     absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
     def guarded(argv):
+        signals.started()
         try:
             with signals.interruptible():
                 return main(argv)

@@ -7,8 +7,9 @@ signal does then depends on where the main thread is:
   point's whole ``main``): :class:`Stop` is raised at once, and the job unwinds;
 - inside :func:`deferred` (a training step, a checkpoint save): the request is only
   recorded; the loop asks :func:`requested` at its next step boundary, saves and stops;
-- elsewhere (before ``main`` starts): recorded, and raised on entering
-  :func:`interruptible`.
+- before the job starts (its imports and flag checks, when installed with
+  ``before_start=True``): the process exits 0 at once, as nothing has been written;
+- elsewhere: recorded, and raised on entering :func:`interruptible`.
 
 Only the first signal acts; later ones are logged and ignored, so a stop in progress
 (a final save) is never cut short by a second Ctrl-C. On a multi-process run jax's
@@ -26,6 +27,7 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _requested: int | None = None
 _modes: list[str] = []  # "raise" | "defer"; the innermost is last
 _installed = False
+_before_start = False  # exit at once: the job has not started
 
 
 class Stop(BaseException):
@@ -54,19 +56,33 @@ def _handler(signum, frame) -> None:
     _requested = signum
     if _modes and _modes[-1] == "raise":
         raise Stop(signum)
+    if not _modes and _before_start:
+        print(f"stopped by {name} before the job started; nothing was written", flush=True)
+        raise SystemExit(0)
     logging.warning("%s: stopping at the next safe point", name)
 
 
-def install(sigint: bool = True) -> bool:
+def install(sigint: bool = True, before_start: bool = False) -> bool:
     """Installs the handler for SIGTERM and, unless ``sigint`` is False (a library
-    caller keeping Ctrl-C's usual meaning), SIGINT. Main thread only; idempotent."""
-    global _installed
+    caller keeping Ctrl-C's usual meaning), SIGINT. Main thread only; idempotent.
+
+    ``before_start``: a job's process that has not started its work yet (see
+    :func:`started`); a signal until then exits at once.
+    """
+    global _installed, _before_start
     if threading.current_thread() is not threading.main_thread():
         return False
+    _before_start = before_start
     for signum in _SIGNALS if sigint else (signal.SIGTERM,):
         signal.signal(signum, _handler)
     _installed = True
     return True
+
+
+def started() -> None:
+    """The job's work begins: from now on a signal stops it at a safe point."""
+    global _before_start
+    _before_start = False
 
 
 def installed() -> bool:

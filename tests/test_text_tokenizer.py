@@ -136,3 +136,11 @@ def test_a_runs_text_tokenizer_is_trained_once_then_loaded(model_path, tmp_path)
     # A path in the config wins over the workdir.
     text_config.tokenizer_path = str(model_path)
     assert text_tokenizer.load_text_tokenizer(text_config, None).model_path == str(model_path)
+
+
+def test_a_vocabulary_smaller_than_the_characters_is_a_config_error(tmp_path):
+    from dalle_jax import errors  # pylint: disable=g-import-not-at-top
+    captions = ["abcdefghijklmnopqrstuvwxyz"] * 10
+    with pytest.raises(errors.ConfigError, match=r"config\.text\.vocab_size: 8 is smaller"):
+        text_tokenizer.train_text_tokenizer(captions, tmp_path / "t.model", vocab_size=8)
+    assert not (tmp_path / "t.model").exists()

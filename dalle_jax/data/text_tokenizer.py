@@ -10,6 +10,7 @@ and reported per example so the pipeline can count them.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from typing import Iterable, Sequence
@@ -21,6 +22,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 import tqdm
 
+from dalle_jax import errors
 from dalle_jax import files
 
 PAD_ID = 0
@@ -64,23 +66,31 @@ def train_text_tokenizer(
         if count == 0:
             raise ValueError("cannot train a text tokenizer: no non-empty captions")
         prefix = os.path.join(tmp, "spm")
-        spm.SentencePieceTrainer.train(
-            input=corpus,
-            model_prefix=prefix,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            input_sentence_size=max_sentences,
-            shuffle_input_sentence=True,
-            hard_vocab_limit=hard_vocab_limit,
-            pad_id=PAD_ID,
-            unk_id=UNK_ID,
-            bos_id=-1,
-            eos_id=-1,
-            normalization_rule_name="nmt_nfkc",
-            num_threads=os.cpu_count() or 1,
-            minloglevel=2,
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                input=corpus,
+                model_prefix=prefix,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=True,
+                hard_vocab_limit=hard_vocab_limit,
+                pad_id=PAD_ID,
+                unk_id=UNK_ID,
+                bos_id=-1,
+                eos_id=-1,
+                normalization_rule_name="nmt_nfkc",
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2,
+            )
+        except RuntimeError as e:  # sentencepiece's own check on the captions' characters
+            if "Vocabulary size is smaller than required_chars" not in str(e):
+                raise
+            needed = re.search(r"vs (\d+)", str(e))
+            raise errors.ConfigError(
+                "text.vocab_size", f"{vocab_size} is smaller than the pieces the captions' "
+                f"characters need ({needed.group(1) if needed else 'more'})") from None
         model = sentencepiece_model_pb2.ModelProto()
         model.ParseFromString(epath.Path(prefix + ".model").read_bytes())
         # The temporary paths it was trained from would make equal models differ.

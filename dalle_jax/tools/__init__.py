@@ -10,7 +10,7 @@ if sys.argv[:1] == ["-m"]:
     # module is located). Catch SIGTERM and SIGINT before the slow imports (jax,
     # tensorflow) so that a stop during start-up also ends cleanly, with exit 0.
     from dalle_jax import signals  # pylint: disable=g-import-not-at-top
-    signals.install()
+    signals.install(before_start=True)
 
 # The top-level config fields each job reads, checked before it starts so that a config
 # meant for another job stops with one line instead of failing half-way (a data-only

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import re
 
 from absl import flags
 
 from dalle_jax import config as config_lib
-from dalle_jax import errors
 from dalle_jax.data import sources
 from dalle_jax.data import text_tokenizer
 
@@ -43,16 +41,8 @@ def main(argv):
     path = text_tokenizer.text_tokenizer_path(config.text, workdir)
     source = sources.make_source(config.data, _SPLIT.value)
     with contextlib.closing(sources.iter_captions(source)) as captions:
-        try:
-            tokenizer = text_tokenizer.train_or_load_text_tokenizer(
-                config.text, workdir, captions, overwrite=True)
-        except RuntimeError as e:  # sentencepiece's own check, on the captions' characters
-            if "Vocabulary size is smaller than required_chars" not in str(e):
-                raise
-            needed = re.search(r"vs (\d+)", str(e))
-            raise errors.ConfigError(
-                "text.vocab_size", f"{config.text.vocab_size} is smaller than the pieces the "
-                f"captions' characters need ({needed.group(1) if needed else 'more'})") from None
+        tokenizer = text_tokenizer.train_or_load_text_tokenizer(
+            config.text, workdir, captions, overwrite=True)
     if workdir:
         config_lib.write_config(config, workdir)
     with contextlib.closing(sources.iter_captions(source)) as captions:
