@@ -18,7 +18,9 @@ preemption service owns SIGTERM (see ``train.distributed``).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
+import os
 import signal
 import threading
 from typing import Iterator
@@ -46,12 +48,28 @@ class Stop(BaseException):
         return signal.Signals(self.signum).name
 
 
+def _in_finalizer(frame) -> bool:
+    """Whether ``frame`` runs inside a garbage-collection callback or a ``__del__``,
+    where Python prints and drops any exception instead of raising it."""
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _handler(signum, frame) -> None:
-    del frame
     global _requested
     name = signal.Signals(signum).name
     if _requested is not None:
         logging.warning("%s: already stopping", name)
+        return
+    raises = (_modes[-1] == "raise") if _modes else _before_start
+    if raises and _in_finalizer(frame):
+        # An exception raised here would be dropped: deliver the signal again shortly,
+        # once the finalizer has returned.
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
         return
     _requested = signum
     if _modes and _modes[-1] == "raise":

@@ -35,6 +35,7 @@ import tempfile
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from dalle_jax import errors
+from dalle_jax import signals
 
 # --- allowed values, each equal to its consumer's --------------------------------------
 
@@ -461,13 +462,15 @@ def is_remote(path: Any) -> bool:
 
 
 def _writable(directory: str) -> bool:
-    """Whether a file can be created in ``directory``: tried, then removed."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".dalle_jax-write-probe-", dir=directory)
-    except OSError:
-        return False
-    os.close(fd)
-    os.remove(probe)
+    """Whether a file can be created in ``directory``: tried, then removed (a stop
+    signal waits until the probe is gone)."""
+    with signals.deferred():
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".dalle_jax-write-probe-", dir=directory)
+        except OSError:
+            return False
+        os.close(fd)
+        os.remove(probe)
     return True
 
 

@@ -1,6 +1,8 @@
 """The stop-signal modes: raised where work may be abandoned, recorded where it may not."""
+import gc
 import os
 import signal
+import time
 
 import pytest
 
@@ -72,3 +74,25 @@ def test_stop_is_not_swallowed_by_except_exception(handler):
                 _sigterm()
             except Exception:  # pylint: disable=broad-except
                 pytest.fail("Stop must pass through `except Exception`")
+
+
+def test_a_signal_inside_a_finalizer_is_delivered_again(handler):
+    # An exception raised inside a gc callback is printed and dropped by Python; the
+    # stop must still happen, just after the callback.
+    sent = []
+
+    def callback(phase, info):
+        del info
+        if phase == "start" and not sent:
+            sent.append(True)
+            _sigterm()
+
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(signals.Stop):
+            with signals.interruptible():
+                gc.collect()
+                time.sleep(2)  # the signal comes again here
+    finally:
+        gc.callbacks.remove(callback)
+    assert sent
