@@ -1,0 +1,1 @@
+"""Judging generated images: does an image show what its caption asks for?"""
