@@ -48,12 +48,27 @@ class Stop(BaseException):
         return signal.Signals(self.signum).name
 
 
+_collecting = False  # a garbage collection is running (see _track_collections)
+_WEAKREF_FILES = ("weakref.py", "_weakrefset.py")
+
+
+def _track_collections(phase: str, info) -> None:
+    del info
+    global _collecting
+    _collecting = phase == "start"
+
+
 def _in_finalizer(frame) -> bool:
-    """Whether ``frame`` runs inside a garbage-collection callback or a ``__del__``,
-    where Python prints and drops any exception instead of raising it."""
+    """Whether the main thread is inside a garbage collection, a gc callback, a
+    ``__del__`` or a weakref callback: places where Python prints and drops any
+    exception instead of raising it."""
+    if _collecting:
+        return True
     callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
     while frame is not None:
-        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+        code = frame.f_code
+        if (code in callbacks or code.co_name == "__del__"
+                or code.co_filename.endswith(_WEAKREF_FILES)):
             return True
         frame = frame.f_back
     return False
@@ -93,6 +108,8 @@ def install(sigint: bool = True, before_start: bool = False) -> bool:
     _before_start = before_start
     for signum in _SIGNALS if sigint else (signal.SIGTERM,):
         signal.signal(signum, _handler)
+    if _track_collections not in gc.callbacks:
+        gc.callbacks.insert(0, _track_collections)  # first: it marks the collection
     _installed = True
     return True
 
