@@ -41,8 +41,14 @@ def define_flags() -> None:
         "config", None, "Config file, e.g. configs/input_shapes.py or configs/input_shapes.py:runlocal.",
         lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory of the run (local path or gs://...).")
-    flags.DEFINE_bool("debug", False, "Show the traceback of a refused command (also "
-                      f"{DEBUG_ENV}=1).")
+    define_debug_flag()
+
+
+def define_debug_flag() -> None:
+    """``--debug``: the traceback of a refused command (for jobs without ``--config``)."""
+    if "debug" not in flags.FLAGS:
+        flags.DEFINE_bool("debug", False, "Show the traceback of a refused command (also "
+                          f"{DEBUG_ENV}=1).")
 
 
 def debug_requested(argv: Sequence[str] = ()) -> bool:

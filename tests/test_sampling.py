@@ -85,15 +85,17 @@ def test_guidance_combines_conditional_and_unconditional_logits(sampler):
 
 def _conditional_draws(params, text, seed, settings):
     """Sampling by hand from the conditional model alone (no unconditional rows): the
-    whole stream recomputed per position, each token drawn with the key folded with its
-    position, as the sampler documents."""
+    whole stream recomputed per position, row r's token drawn with the seed's key folded
+    with r, then with the position, as the sampler documents."""
     model = tr.Transformer(CFG)
     logits_at = jax.jit(lambda codes, a: model.apply({"params": params}, text, codes)[1][:, a])
     key = jax.random.key(seed)
     codes = jnp.zeros((len(text), CFG.image_len), jnp.int32)
     for a in range(CFG.image_len):
         logits = sampler_lib.filter_logits(logits_at(codes, a), settings)
-        codes = codes.at[:, a].set(jax.random.categorical(jax.random.fold_in(key, a), logits))
+        for r in range(len(text)):
+            row_key = jax.random.fold_in(jax.random.fold_in(key, r), a)
+            codes = codes.at[r, a].set(jax.random.categorical(row_key, logits[r]))
     return np.asarray(codes).reshape(-1, CFG.image_height, CFG.image_width)
 
 

@@ -132,22 +132,22 @@ def measure(config: ml_collections.ConfigDict, *, workdir: str | None = None,
     model = transformer_lib.Transformer(cfg)
     init = jax.jit(lambda key: step_lib.unbox(stage2.init_variables(model, key))["params"])
     params = jax.device_put(init(jax.random.key(config.seed)), device)
-    key = jax.random.key(0)
     plain = sampler_lib.SamplingSettings()
     guided = sampler_lib.SamplingSettings(guidance_scale=bench.guidance_scale)
     positions = max(1, min(bench.uncached_positions, cfg.image_len))
     uncached_names = []
     for batch_size in bench.sample_batch_sizes:
         text, prime = _sample_inputs(cfg, batch_size, device)
+        keys = jax.device_put(sampler_lib.row_keys(0, batch_size), device)
         for name, settings in (("cached", plain), ("guided", guided)):
             cases[f"sample {name} batch {batch_size}"] = (
-                lambda text=text, prime=prime, settings=settings: sampler_lib.sample_cached(
-                    model, params, text, prime, key, settings=settings))
+                lambda text=text, prime=prime, keys=keys, settings=settings:
+                sampler_lib.sample_cached(model, params, text, prime, keys, settings=settings))
         # The uncached step recomputes the full stream whatever the position: the last
         # `positions` positions cost what any `positions` positions do.
         name = f"sample uncached batch {batch_size}"
-        cases[name] = (lambda text=text, prime=prime: sampler_lib.sample_uncached(
-            model, params, text, prime, key, settings=plain,
+        cases[name] = (lambda text=text, prime=prime, keys=keys: sampler_lib.sample_uncached(
+            model, params, text, prime, keys, settings=plain,
             prime_positions=cfg.image_len - positions))
         uncached_names.append(name)
 

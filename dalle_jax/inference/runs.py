@@ -40,6 +40,21 @@ def local_batch_mesh() -> jax.sharding.Mesh:
         ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), jax.local_devices())
 
 
+def abstract_variables(config: ml_collections.ConfigDict,
+                       init: Callable[[jax.Array], dict[str, Any]],
+                       mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """``jax.ShapeDtypeStruct`` leaves of the variables ``init`` (rng → logically boxed
+    variables) makes, each with its sharding on ``mesh`` by ``config.sharding``'s rules.
+    Nothing is materialised."""
+    rules = sharding_lib.logical_rules(config.sharding)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init, jax.random.key(0))
+        shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+    return dict(jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(boxed), shardings))
+
+
 def load_variables(workdir: str | epath.PathLike, config: ml_collections.ConfigDict,
                    init: Callable[[jax.Array], dict[str, Any]], mesh: jax.sharding.Mesh,
                    step: int | None = None) -> LoadedVariables:
@@ -54,13 +69,7 @@ def load_variables(workdir: str | epath.PathLike, config: ml_collections.ConfigD
         raise RunError(f"no checkpoints in {workdir}: is it a training run?")
     if step is None and not any(p.name.isdigit() for p in directory.iterdir()):
         raise RunError(f"no checkpoint in {directory} yet: train the run until it saves one")
-    rules = sharding_lib.logical_rules(config.sharding)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init, jax.random.key(0))
-        shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            nn.meta.unbox(boxed), shardings)
-    abstract = dict(abstract)
+    abstract = abstract_variables(config, init, mesh)
     params = abstract.pop("params")
     use_ema = config.train.ema_decay > 0
     params_field = "ema_params" if use_ema else "params"

@@ -7,8 +7,10 @@ prompts × samples; with classifier-free guidance the conditional rows and their
 unconditional twins (the empty caption) go through the same forward pass and the next
 token is drawn from ``uncond + s · (cond − uncond)``.
 
-Randomness is a function of the key and the image position only, so a seed reproduces
-its samples exactly, and cached and uncached decoding draw the same tokens.
+Every row has its own key, and each token is drawn with that key folded with the image
+position: a row's sample depends on its key, its prompt and the model only — not on the
+batch it shares, the padding or the device count — and cached and uncached decoding draw
+the same tokens.
 
     sampler = Sampler(model_config, params)
     codes = sampler.sample(text_tokens, seed=0, settings=SamplingSettings(top_k=64))
@@ -79,9 +81,18 @@ def _guide(logits: jax.Array, settings: SamplingSettings, rows: int) -> jax.Arra
     return uncond + settings.guidance_scale * (cond - uncond)
 
 
-def _draw(logits: jax.Array, rng: jax.Array, position, settings: SamplingSettings):
-    return jax.random.categorical(jax.random.fold_in(rng, position),
-                                  filter_logits(logits, settings)).astype(jnp.int32)
+def _draw(logits: jax.Array, keys: jax.Array, position, settings: SamplingSettings):
+    """One token per row of ``logits`` [B, V], row r drawn with ``keys[r]`` folded with
+    ``position``."""
+    logits = filter_logits(logits, settings)
+    draw = lambda key, row: jax.random.categorical(jax.random.fold_in(key, position), row)
+    return jax.vmap(draw)(keys, logits).astype(jnp.int32)
+
+
+def row_keys(seed: int | jax.Array, rows: int) -> jax.Array:
+    """The keys of ``rows`` rows drawn with one seed: ``fold_in(key(seed), r)``."""
+    key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
 
 
 def _with_unconditional(text: jax.Array, settings: SamplingSettings, pad_id: int):
@@ -94,12 +105,20 @@ def _twice(x: jax.Array, settings: SamplingSettings) -> jax.Array:
     return jnp.concatenate([x, x], axis=0) if settings.guided else x
 
 
+def _as_keys(keys: jax.Array) -> jax.Array:
+    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        return keys
+    return jax.random.wrap_key_data(keys)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "settings", "prime_positions"))
 def sample_cached(model: transformer_lib.Transformer, params, text: jax.Array,
-                  prime: jax.Array, rng: jax.Array, *, settings: SamplingSettings,
+                  prime: jax.Array, keys: jax.Array, *, settings: SamplingSettings,
                   prime_positions: int = 0) -> jax.Array:
     """Image codes int32 [B, h·w] for text int [B, text_len]; positions below
-    ``prime_positions`` are copied from ``prime`` [B, h·w] and the rest sampled."""
+    ``prime_positions`` are copied from ``prime`` [B, h·w] and the rest sampled, row r
+    with ``keys[r]`` (``keys``: a key array [B], or its uint32 key data [B, 2])."""
+    keys = _as_keys(keys)
     cfg = model.config
     rows = text.shape[0]
     variables = {"params": params}
@@ -115,7 +134,7 @@ def sample_cached(model: transformer_lib.Transformer, params, text: jax.Array,
         previous = jax.lax.dynamic_index_in_dim(codes, jnp.maximum(a - 1, 0), 1, False)
         logits, cache = model.apply(decode_variables, _twice(previous, settings), cache, a,
                                     method="decode")
-        token = _draw(_guide(logits, settings, rows), rng, a, settings)
+        token = _draw(_guide(logits, settings, rows), keys, a, settings)
         codes = jax.lax.dynamic_update_index_in_dim(codes, token, a, 1)
         return codes, cache
 
@@ -125,10 +144,11 @@ def sample_cached(model: transformer_lib.Transformer, params, text: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("model", "settings", "prime_positions"))
 def sample_uncached(model: transformer_lib.Transformer, params, text: jax.Array,
-                    prime: jax.Array, rng: jax.Array, *, settings: SamplingSettings,
+                    prime: jax.Array, keys: jax.Array, *, settings: SamplingSettings,
                     prime_positions: int = 0) -> jax.Array:
     """The same draws as :func:`sample_cached`, recomputing the whole stream for every
     token (the reference for tests and the baseline of the sampling benchmark)."""
+    keys = _as_keys(keys)
     cfg = model.config
     rows = text.shape[0]
     variables = {"params": params}
@@ -138,7 +158,7 @@ def sample_uncached(model: transformer_lib.Transformer, params, text: jax.Array,
     def body(a, codes):
         _, logits = model.apply(variables, stream, _twice(codes, settings))
         logits = jax.lax.dynamic_index_in_dim(logits, a, 1, False)
-        token = _draw(_guide(logits, settings, rows), rng, a, settings)
+        token = _draw(_guide(logits, settings, rows), keys, a, settings)
         return jax.lax.dynamic_update_index_in_dim(codes, token, a, 1)
 
     return jax.lax.fori_loop(prime_positions, cfg.image_len, body, codes)
@@ -200,9 +220,13 @@ class Sampler:
 
     def sample(self, text_tokens: Any, *, seed: int | jax.Array = 0, num_samples: int = 1,
                settings: SamplingSettings = SamplingSettings(), prime_codes: Any = None,
-               prime_rows: int = 0, cache: bool = True) -> np.ndarray:
+               prime_rows: int = 0, cache: bool = True, keys: jax.Array | None = None
+               ) -> np.ndarray:
         """Codes int32 [B·num_samples, h, w], prompt-major (rows of prompt i are
         ``i·num_samples … i·num_samples + num_samples − 1``).
+
+        Row r is drawn with ``keys[r]`` when ``keys`` (a key array [B·num_samples]) is
+        given, else with :func:`row_keys` of ``seed``.
 
         ``prime_codes`` [B, h, w] (one grid per prompt) with ``prime_rows`` > 0 keeps that
         many top rows and samples the rest (image completion / variations).
@@ -231,23 +255,29 @@ class Sampler:
         text = np.repeat(text.astype(np.int32), num_samples, axis=0)
         prime = np.repeat(prime, num_samples, axis=0)
         rows = len(text)
+        if keys is None:
+            keys = row_keys(seed, rows)
+        if keys.shape != (rows,):
+            raise ValueError(f"{keys.shape[0] if keys.ndim else 'no'} keys for {rows} rows")
+        key_data = np.asarray(jax.random.key_data(keys))
         shards = self._batch_shards()
         padded = -(-rows // shards) * shards
         if padded != rows:
             text = np.concatenate([text, np.repeat(text[-1:], padded - rows, 0)])
             prime = np.concatenate([prime, np.repeat(prime[-1:], padded - rows, 0)])
-        rng = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
+            key_data = np.concatenate([key_data, np.repeat(key_data[-1:], padded - rows, 0)])
         fn = sample_cached if cache else sample_uncached
         kwargs = dict(model=self.model, settings=settings,
                       prime_positions=prime_rows * cfg.image_width)
         if self.mesh is None:
             codes = fn(params=self.params, text=jnp.asarray(text), prime=jnp.asarray(prime),
-                       rng=rng, **kwargs)
+                       keys=jnp.asarray(key_data), **kwargs)
         else:
             batch = sharding_lib.batch_sharding(self.mesh)
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
                 codes = fn(params=self.params, text=jax.device_put(text, batch),
-                           prime=jax.device_put(prime, batch), rng=rng, **kwargs)
+                           prime=jax.device_put(prime, batch),
+                           keys=jax.device_put(key_data, batch), **kwargs)
         codes = np.asarray(codes)[:rows]
         return codes.reshape(rows, cfg.image_height, cfg.image_width)
 

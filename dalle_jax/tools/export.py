@@ -1,0 +1,56 @@
+r"""Exports a trained stage-2 run as an inference bundle (parameters only).
+
+  python -m dalle_jax.tools.export --workdir=runs/transformer_shapes --output=runs/bundle
+  python -m dalle_jax.tools.export --workdir=... --output=... --dtype=bfloat16
+
+The bundle holds the transformer's parameters (its EMA when the run kept one), the
+stage-1 encoder and decoder the run's codes came from (``config.stage2.image_tokenizer``,
+or ``--image_tokenizer``: a stage-1 run or a conversion of OpenAI's dVAE), the caption
+tokenizer, both configs and a manifest of checksums (:mod:`dalle_jax.inference.bundle`).
+Load it with ``dalle_jax.inference.TextToImage.load(<output>)`` or
+``python -m dalle_jax.tools.generate --bundle=<output>``.
+"""
+from __future__ import annotations
+
+import time
+
+from absl import flags
+
+from dalle_jax import config as config_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The stage-2 run to export.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "The bundle directory to write.", required=True)
+_IMAGE_TOKENIZER = flags.DEFINE_string(
+    "image_tokenizer", None, "The stage-1 run (or converted OpenAI dVAE) of the run's "
+    "codes; default: the run's config.stage2.image_tokenizer.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Type of the transformer's floating-point parameters.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing bundle.")
+config_lib.define_debug_flag()
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def main(argv):
+    del argv
+    from dalle_jax.inference import bundle  # pylint: disable=g-import-not-at-top
+    start = time.perf_counter()
+    report = bundle.export(_WORKDIR.value, _OUTPUT.value,
+                           image_tokenizer=_IMAGE_TOKENIZER.value, dtype=_DTYPE.value,
+                           step=_STEP.value, overwrite=_OVERWRITE.value, log=print)
+    parts = ", ".join(f"{name} {_mb(n)}" for name, n in report.part_bytes.items())
+    print(f"wrote {report.path}: transformer step {report.transformer_step} "
+          f"({'EMA' if report.ema else 'raw'} parameters, {_DTYPE.value}) in "
+          f"{time.perf_counter() - start:.1f}s")
+    print(f"bundle {_mb(report.bundle_bytes)} ({parts})")
+    if report.checkpoint_bytes:
+        print(f"training checkpoint of step {report.transformer_step}: "
+              f"{_mb(report.checkpoint_bytes)}; the bundle is "
+              f"{report.bundle_bytes / report.checkpoint_bytes:.2f}x its size")
+
+
+if __name__ == "__main__":
+    config_lib.run(main)

@@ -1,0 +1,147 @@
+r"""Generates images from prompts with an exported bundle.
+
+  python -m dalle_jax.tools.generate --bundle=runs/demo/bundle \
+      --prompt="a red circle in the top left" --prompt="a blue star" --output=runs/samples
+  python -m dalle_jax.tools.generate --bundle=... --prompts_file=prompts.txt --output=...
+  python -m dalle_jax.tools.generate --bundle=... --prompt="a green square" \
+      --prime_image=start.png --prime_rows=3 --output=...          # complete an image
+  python -m dalle_jax.tools.generate --bundle=... --variations_of=image.png --output=...
+
+Writes ``<output>/images/<prompt>/<index>.png`` for every image, one grid per prompt
+(``<output>/grids/<prompt>.png``, the prompt as its caption) and ``samples.jsonl`` with
+one line per image (file, prompt, seed, index, settings, ...). The same bundle, flags and
+seed give byte-identical PNGs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from absl import flags
+
+from dalle_jax import config as config_lib
+
+_BUNDLE = flags.DEFINE_string("bundle", None, "Bundle directory (dalle_jax.tools.export).",
+                              required=True)
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None,
+                                    "A file of prompts, one per line (# comments).")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory for the images.", required=True)
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Images per prompt.", lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per sampling batch "
+                                   "(rounded up to the device count; default: up to 64).",
+                                   lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Default: the bundle's.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most likely codes (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling (1: off).")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None,
+                               "Classifier-free guidance scale (1: off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
+_PRIME_IMAGE = flags.DEFINE_string("prime_image", None,
+                                   "Complete this image: keep its top --prime_rows rows.")
+_PRIME_ROWS = flags.DEFINE_integer("prime_rows", None, "Code rows kept from the priming "
+                                   "image (variations: half the grid by default).")
+_VARIATIONS_OF = flags.DEFINE_string(
+    "variations_of", None, "Variations of this image: its top rows kept, the rest "
+    "resampled with --num_images seeds (unconditional unless a --prompt is given).")
+_GRID_COLS = flags.DEFINE_integer("grid_cols", None, "Columns of each grid.", lower_bound=1)
+config_lib.define_debug_flag()
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe short form of a prompt."""
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return words[:limit].rstrip("-") or "unconditional"
+
+
+def _prompts(errors) -> list[str]:
+    from dalle_jax.inference import text_to_image  # pylint: disable=g-import-not-at-top
+    prompts = list(_PROMPT.value)
+    if _PROMPTS_FILE.value:
+        path = _PROMPTS_FILE.value
+        if not os.path.isfile(path):
+            raise errors.UserError(f"--prompts_file {path} not found")
+        try:
+            from_file = list(text_to_image.iter_prompts_file(path))
+        except UnicodeDecodeError:
+            raise errors.UserError(f"--prompts_file {path} is not UTF-8 text") from None
+        if not from_file:
+            raise errors.UserError(f"--prompts_file {path} has no prompts (one per line)")
+        prompts += from_file
+    if not prompts:
+        if _VARIATIONS_OF.value:
+            return [""]
+        raise errors.UserError("nothing to generate: give --prompt (repeatable), "
+                               "--prompts_file or --variations_of")
+    return prompts
+
+
+def main(argv):
+    from dalle_jax import errors  # pylint: disable=g-import-not-at-top
+    if len(argv) > 1:
+        raise errors.UserError(f"unexpected arguments {' '.join(argv[1:])}: prompts go in "
+                               "--prompt=\"...\"")
+    output = _OUTPUT.value
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise errors.UserError(f"--output {output} exists and is not a directory")
+    if _PRIME_IMAGE.value and _VARIATIONS_OF.value:
+        raise errors.UserError("--prime_image and --variations_of are two ways to prime; "
+                               "give one")
+    if _PRIME_IMAGE.value and _PRIME_ROWS.value is None:
+        raise errors.UserError("--prime_image needs --prime_rows (code rows to keep)")
+    if _PRIME_ROWS.value is not None and not (_PRIME_IMAGE.value or _VARIATIONS_OF.value):
+        raise errors.UserError("--prime_rows needs --prime_image or --variations_of")
+    prompts = _prompts(errors)
+
+    from dalle_jax import files, visualize  # pylint: disable=g-import-not-at-top
+    from dalle_jax.inference import text_to_image  # pylint: disable=g-import-not-at-top
+    start = time.perf_counter()
+    model = text_to_image.TextToImage.load(_BUNDLE.value)
+    print(f"loaded {_BUNDLE.value} in {time.perf_counter() - start:.1f}s: "
+          f"{model.image_size}px images from {model.grid_size}x{model.grid_size} codes, "
+          f"on {model.mesh.size} device(s)")
+    warn = lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    prime_image = _PRIME_IMAGE.value or _VARIATIONS_OF.value
+    prime_rows = _PRIME_ROWS.value
+    if _VARIATIONS_OF.value and prime_rows is None:
+        prime_rows = model.grid_size // 2
+    names = [f"{i:03d}_{slug(p)}" for i, p in enumerate(prompts)]
+    count = _NUM_IMAGES.value
+    digits = max(2, len(str(count - 1)))
+    image_file = lambda p, j: f"images/{names[p]}/{j:0{digits}d}.png"
+
+    def write_batch(rows, images):
+        for (p, j), image in zip(rows, images):
+            visualize.save_png(image, os.path.join(output, image_file(p, j)))
+
+    start = time.perf_counter()
+    result = model.generate(
+        prompts, count, seed=_SEED.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+        top_p=_TOP_P.value, guidance_scale=_GUIDANCE.value, batch_size=_BATCH_SIZE.value,
+        prime_image=prime_image, prime_rows=prime_rows or 0, progress=True, warn=warn,
+        on_batch=write_batch)
+    seconds = time.perf_counter() - start
+    cols = _GRID_COLS.value or min(count, max(1, math.ceil(math.sqrt(count * 2))))
+    for p, prompt in enumerate(prompts):
+        grid = visualize.captioned_grid(
+            result.images[p], [f"#{j}" for j in range(count)], cols=cols, cell_size=128,
+            caption_lines=1, title=prompt or "(no prompt)")
+        visualize.save_png(grid, os.path.join(output, "grids", f"{names[p]}.png"))
+    lines = []
+    for record in result.records:
+        record = {"file": image_file(record["prompt_index"], record["index"]), **record}
+        lines.append(json.dumps(record, sort_keys=False))
+    files.atomic_write(os.path.join(output, "samples.jsonl"), "\n".join(lines) + "\n")
+    total = len(result.records)
+    print(f"{total} images of {len(prompts)} prompt(s) in {seconds:.1f}s "
+          f"({total / seconds:.2f} images/s) -> {output}/images, grids in {output}/grids, "
+          f"records in {output}/samples.jsonl")
+
+
+if __name__ == "__main__":
+    config_lib.run(main)
