@@ -436,3 +436,44 @@ def test_the_export_command_reports_sizes_and_refuses_mistakes(runs, tmp_path):
     wrong = subprocess.run(cmd[:3] + [f"--workdir={runs[0]}", f"--output={tmp_path / 'c'}"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "not a stage-2 run" in wrong.stderr
+
+
+# ------------------------------------------------------------------------ evaluate
+
+
+def test_evaluate_measures_both_stages_and_judges_generated_images(model, runs):
+    from dalle_jax.evaluation import evaluate
+    data_dir = str(pathlib.Path(runs[0]).parent / "tfds")
+    report = evaluate.evaluate(model, data_dir=data_dir, test_prompts=6, holdout_prompts=4,
+                               images_per_prompt=2, progress=False)
+    s1, s2 = report["image_tokenizer"], report["transformer"]
+    assert s1["examples"] == 16 and 0 < s1["psnr"] < 60 and 0 < s1["codes_used"] <= 1
+    assert s2["examples"] == 16 and s2["image_loss"] > 0
+    assert s2["bits_per_image_token"] == pytest.approx(s2["image_loss"] / np.log(2))
+    # An untrained transformer is near uniform over its 32 codes: about 5 bits a token.
+    assert 3 < s2["bits_per_image_token"] < 7
+    test = report["fidelity"]["test"]
+    assert test["prompts"] == 6 and test["images"] == 12 and len(test["checks"]) == 12
+    rates = test["rates"]
+    assert rates["one_object"]["images"] + rates["two_objects"]["images"] == 12
+    assert report["fidelity"]["holdout"]["images"] == 8
+    holdout = {c["prompt"] for c in report["fidelity"]["holdout"]["checks"]}
+    pairs = [("green", "triangle"), ("purple", "circle"), ("orange", "square")]
+    assert all(any(f"{c} {s}" in p for c, s in pairs) for p in holdout)
+    text = evaluate.table(report)
+    assert "PSNR" in text and "bits/token" in text and "one object: colour + cell" in text
+    json.dumps({k: v for k, v in report.items()})  # JSON-ready
+
+
+def test_composite_rates_need_every_criterion():
+    from dalle_jax.evaluation import evaluate
+    one = lambda **c: {"kind": "one_object", "check": {"colour": True, "cell": True,
+                                                       "shape": True, "all": True, **c}}
+    two = lambda **c: {"kind": "two_objects", "check": {"colour": True, "relation": True,
+                                                        "shape": True, "all": True, **c}}
+    rates = evaluate.composite_rates([one(), one(cell=False), one(colour=False, all=False),
+                                      two(), two(relation=False)])
+    assert rates["one_object"]["images"] == 3
+    assert rates["one_object"]["colour"] == pytest.approx(2 / 3)
+    assert rates["one_object"]["colour_cell"] == pytest.approx(1 / 3)
+    assert rates["two_objects"]["colours_relation"] == pytest.approx(1 / 2)

@@ -24,7 +24,7 @@ ALLOWED = {
     "sampling": {"models", "train"},
     "stages": {"data", "models", "sampling", "train", "inference"},
     "inference": {"data", "models", "sampling", "stages", "train"},
-    "evaluation": {"data"},
+    "evaluation": {"data", "stages", "train"},
 }
 TOP_LEVEL = {"config", "errors", "files", "signals", "validate", "visualize", "tools"}
 

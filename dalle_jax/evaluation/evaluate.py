@@ -1,0 +1,277 @@
+"""Evaluation of an exported bundle: each stage on held-out data, and generated images
+judged from their pixels.
+
+- Stage 1: reconstruction PSNR (per image, then the mean) and codebook use on a split.
+- Stage 2: the weighted validation loss, its text and image parts, and bits per image
+  token, on the split's captions and the codes of its images.
+- Fidelity (captioned shapes): images generated for the captions of the test split and
+  of the holdout split — (colour, shape) pairs never seen in training — judged by
+  :mod:`dalle_jax.evaluation.shapes_checker`, which reads the pixels alone.
+
+:func:`evaluate` returns one JSON-ready dict; :func:`table` formats its headline figures.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from dalle_jax.data import pipeline as pipeline_lib
+from dalle_jax.evaluation import shapes_checker
+from dalle_jax.stages import transformer as stage2
+from dalle_jax.train import sharding as sharding_lib
+
+SHAPES = "captioned_shapes"
+# Composite criteria of the demo's quality bars: (name, prompt kind, criteria).
+COMPOSITES = (
+    ("colour", "one_object", ("colour",)),
+    ("colour_cell", "one_object", ("colour", "cell")),
+    ("shape", "one_object", ("shape",)),
+    ("all", "one_object", ("all",)),
+    ("colours", "two_objects", ("colour",)),
+    ("colours_relation", "two_objects", ("colour", "relation")),
+    ("shapes", "two_objects", ("shape",)),
+    ("all", "two_objects", ("all",)),
+)
+
+
+def image_data_config(model, data_dir: str | None = None) -> ml_collections.ConfigDict:
+    """The data section for the images of the bundle's dataset: its transformer
+    config's, reading images (a run trained from code shards names the dataset they
+    were encoded from) at the image tokenizer's resolution."""
+    data = ml_collections.ConfigDict(model.bundle.transformer_config.data.to_dict())
+    if data.source == "codes":
+        data.source = SHAPES if data.name == SHAPES else "records"
+        data.data_dir = None
+    if data_dir is not None:
+        data.data_dir = data_dir
+    data.image_size = model.image_size
+    return data
+
+
+def _batches(data: ml_collections.ConfigDict, split: str, batch_size: int,
+             max_examples: int | None, text_tokenizer=None) -> Iterator[dict[str, Any]]:
+    config = ml_collections.ConfigDict(dict(data=data, batch_size=batch_size, seed=0))
+    seen = 0
+    with pipeline_lib.make_pipeline(config, split, train=False, with_captions=True,
+                                    text_tokenizer=text_tokenizer, process_index=0,
+                                    process_count=1) as pipeline:
+        for batch in pipeline:
+            real = np.asarray(batch["mask"]).astype(bool)
+            if max_examples is not None:
+                keep = np.cumsum(real) + seen <= max_examples
+                real &= keep
+            count = int(real.sum())
+            if count == 0:
+                break
+            batch = dict(batch)
+            batch["mask"] = real
+            yield batch
+            seen += count
+            if max_examples is not None and seen >= max_examples:
+                break
+
+
+def image_tokenizer_metrics(model, data, split: str, *, batch_size: int = 128,
+                            max_examples: int | None = None) -> dict[str, Any]:
+    """PSNR of reconstructions through the codes (argmax / nearest, no noise), the
+    fraction of the codebook used over the split and the codes' perplexity."""
+    vocab = model.image_tokenizer.vocab_size
+    counts = np.zeros((vocab,), np.int64)
+    psnrs = []
+    for batch in _batches(data, split, batch_size, max_examples):
+        real = batch["mask"]
+        images = np.asarray(batch["image"])
+        codes = model.encode(images)
+        recon = model.decode(codes)
+        mse = (((recon.astype(np.float64) - images) / 255.0) ** 2).reshape(len(images), -1)
+        psnrs.extend(-10 * np.log10(np.maximum(mse.mean(-1)[real], 1e-10)))
+        counts += np.bincount(codes[real].ravel(), minlength=vocab)
+    probs = counts[counts > 0] / max(counts.sum(), 1)
+    return {"split": split, "examples": len(psnrs), "psnr": float(np.mean(psnrs)),
+            "codes_used": float((counts > 0).mean()),
+            "perplexity": float(np.exp(-np.sum(probs * np.log(probs))))}
+
+
+def transformer_metrics(model, data, split: str, *, batch_size: int = 128,
+                        max_examples: int | None = None) -> dict[str, Any]:
+    """Validation loss of the transformer (the run's weighting of text and image
+    cross-entropies), each part, and bits per image token, over the split's real
+    examples; captions without BPE-dropout, codes from the bundle's tokenizer."""
+    config = model.bundle.transformer_config
+    weights = config.stage2.text_loss_weight, config.stage2.image_loss_weight
+    transformer = stage2.transformer_lib.Transformer(model.transformer.model_config)
+    mesh = model.mesh
+    rules = sharding_lib.logical_rules(config.sharding)
+
+    @jax.jit
+    def sums(params, text, codes, mask):
+        text_logits, image_logits = transformer.apply({"params": params}, text, codes)
+        targets = text[:, 1:]
+        text_w = (targets != stage2.text_tokenizer.PAD_ID) * mask[:, None]
+        import optax  # pylint: disable=g-import-not-at-top
+        text_ce = optax.softmax_cross_entropy_with_integer_labels(
+            text_logits.astype(jnp.float32), targets)
+        image_ce = optax.softmax_cross_entropy_with_integer_labels(
+            image_logits.astype(jnp.float32), codes)
+        image_w = jnp.broadcast_to(mask[:, None], codes.shape)
+        return (jnp.sum(text_ce * text_w), jnp.sum(text_w), jnp.sum(image_ce * image_w),
+                jnp.sum(image_w))
+
+    totals = np.zeros(4)
+    examples = 0
+    shards = sharding_lib.batch_shard_count(mesh)
+    for batch in _batches(data, split, batch_size, max_examples, model.text_tokenizer):
+        real = batch["mask"]
+        codes = model.encode(np.asarray(batch["image"])).reshape(len(real), -1)
+        text = np.asarray(batch["text_tokens"], np.int32)
+        pad = -len(real) % shards
+        arrays = [np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+                  for a in (text, codes, real.astype(np.float32))]
+        placed = [jax.device_put(a, sharding_lib.batch_sharding(mesh)) for a in arrays]
+        with jax.set_mesh(mesh), _rules(rules):
+            totals += np.asarray([float(x) for x in sums(model.transformer.params, *placed)])
+        examples += int(real.sum())
+    text_loss = totals[0] / max(totals[1], 1.0)
+    image_loss = totals[2] / max(totals[3], 1.0)
+    return {"split": split, "examples": examples,
+            "loss": float(weights[0] * text_loss + weights[1] * image_loss),
+            "text_loss": float(text_loss), "image_loss": float(image_loss),
+            "bits_per_image_token": float(image_loss / math.log(2.0)),
+            "bits_per_image": float(image_loss / math.log(2.0) * codes.shape[1])}
+
+
+def _rules(rules):
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    return nn.logical_axis_rules(rules)
+
+
+def split_prompts(data, split: str, count: int) -> list[str]:
+    """The first ``count`` distinct captions of a split, in the dataset's order."""
+    prompts, seen = [], set()
+    for batch in _batches(data, split, 256, None):
+        for caption, real in zip(batch["caption"], batch["mask"]):
+            caption = caption.decode() if isinstance(caption, bytes) else str(caption)
+            if real and caption not in seen:
+                seen.add(caption)
+                prompts.append(caption)
+                if len(prompts) == count:
+                    return prompts
+    return prompts
+
+
+def composite_rates(results: list[dict[str, Any]]) -> dict[str, dict[str, float | int]]:
+    """The demo's bars from per-image checks: for each prompt kind, the fraction of its
+    images passing every criterion of each composite."""
+    out: dict[str, dict[str, float | int]] = {}
+    for kind in ("one_object", "two_objects"):
+        rows = [r for r in results if r["kind"] == kind]
+        out[kind] = {"images": len(rows)}
+        for name, composite_kind, criteria in COMPOSITES:
+            if composite_kind != kind:
+                continue
+            judged = [all(r["check"][c] for c in criteria) for r in rows
+                      if all(r["check"][c] is not None for c in criteria)]
+            out[kind][name] = float(np.mean(judged)) if judged else float("nan")
+    return out
+
+
+def fidelity(model, prompts: list[str], *, images_per_prompt: int, seed: int,
+             batch_size: int | None = None, progress: bool = False,
+             **settings: Any) -> dict[str, Any]:
+    """Generates ``images_per_prompt`` images per prompt and judges each against its
+    prompt from its pixels; returns the composite rates, the raw criterion rates and
+    the per-image checks."""
+    result = model.generate(prompts, images_per_prompt, seed=seed, batch_size=batch_size,
+                            progress=progress, **settings)
+    images = result.images.reshape((-1,) + result.images.shape[2:])
+    captions = [r["prompt"] for r in result.records]
+    checks = []
+    for image, record in zip(images, result.records):
+        parsed = shapes_checker.parse_caption(record["prompt"])
+        check = shapes_checker.check_reading(shapes_checker.read_image(image), parsed)
+        checks.append({"prompt": record["prompt"], "index": record["index"],
+                       "kind": "one_object" if len(parsed.objects) == 1 else "two_objects",
+                       "check": check})
+    return {"prompts": len(prompts), "images": len(checks),
+            "rates": composite_rates(checks),
+            "criteria": shapes_checker.score(images, captions),
+            "checks": checks, "generation": result}
+
+
+def evaluate(model, *, data_dir: str | None = None, stage_split: str = "validation",
+             max_examples: int | None = None, test_prompts: int = 128,
+             holdout_prompts: int = 64, images_per_prompt: int = 2, seed: int = 0,
+             batch_size: int | None = None, progress: bool = True,
+             log: Callable[[str], None] = lambda _: None, **settings: Any) -> dict[str, Any]:
+    """Every measure of the bundle ``model`` (a :class:`TextToImage`); the fidelity
+    parts only for captioned shapes."""
+    data = image_data_config(model, data_dir)
+    report: dict[str, Any] = {"bundle": str(model.bundle.path),
+                              "transformer_step": model.transformer.step,
+                              "dataset": data.name, "image_size": model.image_size}
+    start = time.perf_counter()
+    log(f"stage 1 on {stage_split}")
+    report["image_tokenizer"] = image_tokenizer_metrics(model, data, stage_split,
+                                                        max_examples=max_examples)
+    log(f"stage 2 on {stage_split}")
+    report["transformer"] = transformer_metrics(model, data, stage_split,
+                                                max_examples=max_examples)
+    report["seconds"] = {"stages": round(time.perf_counter() - start, 1)}
+    if data.name == SHAPES:
+        report["settings"] = dict(model.settings(**settings).__dict__)
+        report["fidelity"] = {}
+        for split, count in (("test", test_prompts), ("holdout", holdout_prompts)):
+            if count <= 0:
+                continue
+            start = time.perf_counter()
+            prompts = split_prompts(data, split, count)
+            log(f"generating {images_per_prompt} images for each of {len(prompts)} {split} "
+                "prompts")
+            judged = fidelity(model, prompts, images_per_prompt=images_per_prompt, seed=seed,
+                              batch_size=batch_size, progress=progress, **settings)
+            judged.pop("generation")
+            report["fidelity"][split] = judged
+            report["seconds"][f"fidelity_{split}"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def _pct(x: float) -> str:
+    return "  n/a" if x != x else f"{100 * x:5.1f}%"
+
+
+def table(report: dict[str, Any]) -> str:
+    """The headline figures of :func:`evaluate`'s report as a short text table."""
+    s1, s2 = report["image_tokenizer"], report["transformer"]
+    lines = [
+        f"stage 1 ({s1['split']}, {s1['examples']} images): PSNR {s1['psnr']:.2f} dB, "
+        f"codes used {_pct(s1['codes_used']).strip()}, perplexity {s1['perplexity']:.0f}",
+        f"stage 2 ({s2['split']}, {s2['examples']} captions): loss {s2['loss']:.4f}, "
+        f"image {s2['image_loss']:.4f} nats/token = {s2['bits_per_image_token']:.3f} "
+        f"bits/token, text {s2['text_loss']:.4f}",
+    ]
+    fid = report.get("fidelity", {})
+    if fid:
+        lines.append("fidelity (judged from pixels)   " + "  ".join(
+            f"{split:>8}" for split in fid))
+        rows = [("one object: colour", "one_object", "colour"),
+                ("one object: colour + cell", "one_object", "colour_cell"),
+                ("one object: shape", "one_object", "shape"),
+                ("one object: everything", "one_object", "all"),
+                ("two objects: colours", "two_objects", "colours"),
+                ("two objects: colours + relation", "two_objects", "colours_relation"),
+                ("two objects: shapes", "two_objects", "shapes"),
+                ("two objects: everything", "two_objects", "all")]
+        for label, kind, name in rows:
+            lines.append(f"  {label:<30}" + "  ".join(
+                f"{_pct(fid[s]['rates'][kind][name]):>8}" for s in fid))
+        lines.append(f"  {'images (one / two objects)':<30}" + "  ".join(
+            f"{fid[s]['rates']['one_object']['images']:>3} /{fid[s]['rates']['two_objects']['images']:>3}"
+            for s in fid))
+    return "\n".join(lines)
