@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
 WORKDIR ?= runs/demo
-CONFIG ?= configs/input_shapes.py
+CONFIG ?= configs/demo.py
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast bench venv clean

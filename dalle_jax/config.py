@@ -106,17 +106,24 @@ def _config_spec(argv: Sequence[str]) -> str | None:
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Loads ``path.py[:arg]`` the way ``--config`` does, without flags."""
     path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_dalle_jax_config", path)
+    # A name of its own per file, so that a config file may load another (configs/demo.py
+    # builds on the stage configs).
+    name = "_dalle_jax_config_" + re.sub(r"\W", "_", os.path.abspath(path))
+    module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or not epath.Path(path).exists():
         raise FileNotFoundError(f"config file not found: {path}")
     module = importlib.util.module_from_spec(module_spec)
     # Registered while it runs: dataclasses and typing look modules up by name.
-    sys.modules[module_spec.name] = module
+    previous = sys.modules.get(name)
+    sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
         return module.get_config(arg) if arg else module.get_config()
     finally:
-        del sys.modules[module_spec.name]
+        if previous is None:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = previous
 
 
 def check_override_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:

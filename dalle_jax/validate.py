@@ -865,9 +865,12 @@ RULES: dict[str, Rule] = {
     "text.text_len": rule(POSITIVE_INT),
     "text.bpe_dropout": rule(bpe_dropout),
     # The demo.
-    "demo.grid_rows": rule(POSITIVE_INT),
-    "demo.grid_cols": rule(POSITIVE_INT),
-    "demo.split": rule(file_name_part),
+    "demo.prompts": rule(tuple_of(text, nonempty=True)),
+    "demo.images_per_prompt": rule(POSITIVE_INT),
+    "demo.seed": rule(NON_NEGATIVE_INT),
+    "demo.test_prompts": rule(NON_NEGATIVE_INT),
+    "demo.holdout_prompts": rule(NON_NEGATIVE_INT),
+    "demo.eval_images_per_prompt": rule(POSITIVE_INT),
     # Stage 1 (configs/image_tokenizer_*.py; bench_dvae and the OpenAI conversion
     # share the architecture's fields).
     "model.kind": rule(one_of(MODEL_KINDS)),
@@ -980,7 +983,6 @@ RULES: dict[str, Rule] = {
     "bench.max_shard_bytes": rule(POSITIVE_INT),
     # What a job needs from its config: splits that exist, paths it reads and writes.
     # A key with a second, job-specific rule is written "<key>@<what>"; both apply.
-    "demo.split@exists": rule(split_name, jobs=("demo",), io=True),
     "stage1.eval_split@exists": rule(eval_split, jobs=("train", "eval_image_tokenizer"),
                                      io=True),
     "stage2.eval_split@exists": rule(split_name, jobs=("train",), io=True),

@@ -1,6 +1,8 @@
-"""The main job, end to end on a small captioned-shapes dataset (a real subprocess)."""
+"""The main job end to end at a tiny size (real subprocesses): every stage, then an
+interruption in the middle of stage 2 and a rerun that continues from there."""
 import json
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -11,25 +13,59 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _command(tmp_path):
+    return [sys.executable, "-m", "dalle_jax.tools.demo", "--config=configs/demo.py:runlocal",
+            f"--workdir={tmp_path / 'demo'}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+            "--config.data.num_train=200", "--config.data.num_validation=24",
+            "--config.data.num_test=24", "--config.data.num_holdout=24",
+            # Long enough that a stop at step 2 lands before the end.
+            "--config.transformer.total_steps=40"]
+
+
 @pytest.mark.slow
-def test_demo_writes_grid_config_and_text_tokenizer(tmp_path):
-    workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dalle_jax.tools.demo",
-           "--config=configs/input_shapes.py:runlocal,res=32",
-           f"--config.data.data_dir={tmp_path / 'tfds'}",
-           "--config.data.num_train=300", "--config.data.num_validation=20",
-           "--config.data.num_test=20", "--config.data.num_holdout=20",
-           f"--workdir={workdir}"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "examples/s" in result.stdout
-    config = json.loads((workdir / "config.json").read_text())
-    assert config["data"]["num_train"] == 300 and config["data"]["image_size"] == 32
-    assert (workdir / "text_tokenizer.model").exists()
-    grid = np.asarray(Image.open(workdir / "examples.png"))
-    assert grid.ndim == 3 and grid.shape[0] > 300 and grid.shape[1] > 600
-    # The grid shows images (dark backgrounds) and captions (black text on white).
-    assert (grid < 60).mean() > 0.2 and (grid == 255).mean() > 0.1
-    # A second run reuses the dataset and the tokenizer.
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
+def test_the_demo_runs_every_stage_and_continues_after_an_interruption(tmp_path):
+    workdir = tmp_path / "demo"
+    proc = subprocess.Popen(_command(tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, in_stage2 = [], False
+    for line in proc.stdout:
+        lines.append(line)
+        in_stage2 = in_stage2 or "== [5/8]" in line
+        if in_stage2 and line.startswith("step 2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    first = "".join(lines) + rest
+    assert proc.returncode == 0, first[-3000:]
+    assert "stopped by SIGTERM" in first and "Traceback" not in first
+    assert "== [6/8]" not in first, "the demo went on after the stop"
+    for header in ("[1/8] dataset", "[2/8] caption tokenizer", "[3/8] stage 1",
+                   "[4/8] encode"):
+        assert header in first
+
+    again = subprocess.run(_command(tmp_path), cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    second = again.stdout + again.stderr
+    assert again.returncode == 0, second[-3000:]
+    # The finished stages are skipped, stage 2 resumes from its checkpoint.
+    assert second.count("done already") == 4, second[-3000:]
+    assert "restoring checkpoint step" in second
+    assert "== [8/8] evaluate" in second and "demo done" in second
+    report = json.loads((workdir / "demo_report.json").read_text())
+    assert set(report["stages"]) == {"dataset", "text_tokenizer", "stage1", "encode",
+                                     "stage2", "export", "generate", "evaluate"}
+    assert all(stage["seconds"] >= 0 for stage in report["stages"].values())
+    manifest = json.loads((workdir / "bundle" / "manifest.json").read_text())
+    assert manifest["parts"]["transformer"]["source"]["step"] == 40
+    evaluation = json.loads((workdir / "evaluation.json").read_text())
+    assert evaluation["fidelity"]["test"]["images"] == 4
+    assert "PSNR" in second and "one object: colour + cell" in second
+    grid = np.asarray(Image.open(workdir / "demo_grid.png"))
+    assert grid.ndim == 3 and grid.shape[0] > 7 * 48
+    records = (workdir / "samples" / "samples.jsonl").read_text().splitlines()
+    assert len(records) == 7 * 2
+    assert (workdir / "examples.png").exists()
+
+    third = subprocess.run(_command(tmp_path), cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert third.returncode == 0 and third.stdout.count("done already") == 8

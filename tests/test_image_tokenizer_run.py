@@ -8,9 +8,10 @@ import tensorflow as tf
 
 from dalle_jax.config import load_config_file
 from dalle_jax.data import code_records
+from dalle_jax.data import encoding
 from dalle_jax.data import pipeline as pipeline_lib
 from dalle_jax.inference.image_tokenizer import ImageTokenizerRun
-from dalle_jax.tools import encode_dataset, eval_image_tokenizer
+from dalle_jax.tools import eval_image_tokenizer
 from dalle_jax.train import trainer
 
 pytestmark = pytest.mark.slow  # each trains or runs subprocesses
@@ -146,7 +147,7 @@ def test_evaluation_reports_psnr_and_code_usage(run):
 def test_encode_dataset_writes_resumable_code_shards(run, tmp_path):
     config, workdir = run
     tokenizer = ImageTokenizerRun.load(workdir, config)
-    entries = encode_dataset.encode_split(tokenizer, config, "validation", str(tmp_path),
+    entries = encoding.encode_split(tokenizer, config, "validation", str(tmp_path),
                                           batch_size=16, progress=False)
     shard = tmp_path / entries[0]["file"]
     records = [code_records.parse_record(r)
@@ -164,11 +165,11 @@ def test_encode_dataset_writes_resumable_code_shards(run, tmp_path):
     # A rerun skips finished shards; leftovers of an interrupted run are not shards.
     before = shard.stat().st_mtime_ns
     (tmp_path / f".{entries[0]['file']}.tmp-0").write_bytes(b"partial")
-    encode_dataset.encode_split(tokenizer, config, "validation", str(tmp_path),
+    encoding.encode_split(tokenizer, config, "validation", str(tmp_path),
                                 batch_size=16, progress=False)
     assert shard.stat().st_mtime_ns == before
     # Process sharding: two processes split the shards between them.
-    two = [encode_dataset.encode_split(tokenizer, config, "holdout", str(tmp_path / "p"),
+    two = [encoding.encode_split(tokenizer, config, "holdout", str(tmp_path / "p"),
                                        batch_size=16, process_index=i, process_count=2,
                                        progress=False) for i in range(2)]
     assert two[0] == two[1]
@@ -196,7 +197,7 @@ def test_stage2_trains_on_the_encoding_jobs_shards_and_on_the_fly(run, tmp_path)
     tokenizer = ImageTokenizerRun.load(workdir, config)
     codes_dir = tmp_path / "codes"
     for split in ("train", "validation"):
-        entries = encode_dataset.encode_split(tokenizer, config, split, str(codes_dir),
+        entries = encoding.encode_split(tokenizer, config, split, str(codes_dir),
                                               batch_size=16, progress=False)
         code_records.write_metadata(str(codes_dir), config.data.name, split, shards=entries,
                                     code_shape=(4, 4), vocab_size=32)

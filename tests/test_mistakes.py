@@ -95,6 +95,7 @@ class Mistake:
 
 SHAPES1 = "--config=configs/image_tokenizer_shapes.py"
 INPUT = "--config=configs/input_shapes.py"
+DEMO = "--config=configs/demo.py:runlocal"
 NEW = "--workdir={d}/new_run"
 NON_ROOT = "as root every directory is writable" if IS_ROOT else ""
 
@@ -153,12 +154,13 @@ MISTAKES = [
             ("--config=tests/toy_task.py:synthetic", NEW, "--config.mesh.tensor=3"),
             "config.mesh", env=(("XLA_FLAGS", "--xla_force_host_platform_device_count=8"),)),
     # demo
-    Mistake("demo-workdir-file", "demo", (INPUT, "--workdir={d}/file"), "--workdir"),
-    Mistake("demo-data-dir-file", "demo", (INPUT, NEW, "--config.data.data_dir={d}/file"),
+    Mistake("demo-workdir-file", "demo", (DEMO, "--workdir={d}/file"), "--workdir"),
+    Mistake("demo-data-dir-file", "demo", (DEMO, NEW, "--config.data.data_dir={d}/file"),
             "config.data.data_dir"),
-    Mistake("demo-workdir-a-stage-run", "demo", (INPUT, "--workdir={d}/stage1"), "--workdir"),
-    Mistake("demo-split", "demo", (INPUT, NEW, "--config.demo.split=trian"),
-            "config.demo.split"),
+    Mistake("demo-workdir-a-stage-run", "demo", (DEMO, "--workdir={d}/stage1"), "--workdir"),
+    Mistake("demo-images-per-prompt", "demo", (DEMO, NEW, "--config.demo.images_per_prompt=0"),
+            "config.demo.images_per_prompt"),
+    Mistake("demo-input-config", "demo", (INPUT, NEW), "use configs/demo.py"),
     # train_text_tokenizer
     Mistake("text-vocab-0", "train_text_tokenizer", (INPUT, NEW, "--config.text.vocab_size=0"),
             "config.text.vocab_size"),
@@ -531,7 +533,7 @@ def test_stage1_runs(tmp_path):
 def test_a_valid_command_passes_and_writes_nothing(tmp_path):
     _check("configs/image_tokenizer_shapes.py", ("data.data_dir", str(tmp_path / "tfds")),
            workdir=str(tmp_path / "run"))
-    _check("configs/input_shapes.py", job="demo", workdir=str(tmp_path / "run"))
+    _check("configs/demo.py", job="demo", workdir=str(tmp_path / "run"))
     _check("configs/input_shapes.py", job="train_text_tokenizer",
            workdir=str(tmp_path / "run"), split="train", overwrite=False)
     _check("configs/convert_images.py", ("input_dir", str(tmp_path)),
@@ -540,7 +542,7 @@ def test_a_valid_command_passes_and_writes_nothing(tmp_path):
 
 
 def test_positional_arguments():
-    config = config_lib.load_config_file(str(ROOT / "configs/input_shapes.py"))
+    config = config_lib.load_config_file(str(ROOT / "configs/demo.py"))
     with pytest.raises(errors.UserError, match="unexpected argument extra"):
         validate.check_command("demo", config, "runs/x", ["extra"], flag_values={},
                                defaults=config)

@@ -258,7 +258,7 @@ def table(report: dict[str, Any]) -> str:
     ]
     fid = report.get("fidelity", {})
     if fid:
-        lines.append("fidelity (judged from pixels)   " + "  ".join(
+        lines.append("fidelity (judged from pixels)     " + "  ".join(
             f"{split:>8}" for split in fid))
         rows = [("one object: colour", "one_object", "colour"),
                 ("one object: colour + cell", "one_object", "colour_cell"),
@@ -269,9 +269,9 @@ def table(report: dict[str, Any]) -> str:
                 ("two objects: shapes", "two_objects", "shapes"),
                 ("two objects: everything", "two_objects", "all")]
         for label, kind, name in rows:
-            lines.append(f"  {label:<30}" + "  ".join(
+            lines.append(f"  {label:<32}" + "  ".join(
                 f"{_pct(fid[s]['rates'][kind][name]):>8}" for s in fid))
-        lines.append(f"  {'images (one / two objects)':<30}" + "  ".join(
+        lines.append(f"  {'images (one / two objects)':<32}" + "  ".join(
             f"{fid[s]['rates']['one_object']['images']:>3} /{fid[s]['rates']['two_objects']['images']:>3}"
             for s in fid))
     return "\n".join(lines)

@@ -19,7 +19,7 @@ if sys.argv[:1] == ["-m"]:
 CONFIG_FIELDS = {
     "train": ("task", "data", "model", "optimizer", "train", "checkpoint"),
     "train_text_tokenizer": ("data", "text"),
-    "demo": ("data", "text", "demo"),
+    "demo": ("data", "text", "image_tokenizer", "transformer", "demo"),
     "eval_image_tokenizer": ("data", "model", "stage1"),
     "encode_dataset": ("data", "model", "encode"),
     "convert_images": ("input_dir", "manifest", "output_dir"),
@@ -31,7 +31,7 @@ CONFIG_FIELDS = {
 CONFIG_KINDS = {
     "train": "a stage config (configs/image_tokenizer_*.py, configs/transformer_*.py)",
     "train_text_tokenizer": "an input config (configs/input_*.py) or a stage config",
-    "demo": "an input config (configs/input_*.py)",
+    "demo": "configs/demo.py",
     "eval_image_tokenizer": "a stage-1 config (configs/image_tokenizer_*.py)",
     "encode_dataset": "a stage-1 config (configs/image_tokenizer_*.py)",
     "convert_images": "configs/convert_images.py",

@@ -1,64 +1,330 @@
-r"""The main job on the embedded default: the whole input side, end to end.
+r"""The main job on the embedded default, text → image, end to end.
 
-  python -m dalle_jax.tools.demo --config=configs/input_shapes.py --workdir=runs/demo
+  python -m dalle_jax.tools.demo --config=configs/demo.py --workdir=runs/demo
 
-Builds the dataset (the captioned-shapes dataset by default; cached in tfds's data
-folder after the first run), trains the text tokenizer beside the run, draws a few
-training batches through the tf.data pipeline, and writes ``<workdir>/examples.png``:
-a grid of training images with their captions and token counts.
+Stages, each skipped when its output is complete (rerun after an interruption and it
+continues where it stopped; a training stage resumes from its latest checkpoint):
+
+  1. dataset          captioned shapes, built under <workdir>/tfds (or data.data_dir)
+  2. text tokenizer   <workdir>/text_tokenizer.model, and a grid of training examples
+  3. stage 1          the image tokenizer, <workdir>/image_tokenizer
+  4. encode           the dataset as code shards, <workdir>/codes
+  5. stage 2          the transformer, <workdir>/transformer
+  6. export           the inference bundle, <workdir>/bundle
+  7. generate         images for the demo prompts, <workdir>/samples and demo_grid.png
+  8. evaluate         both stages and generated images judged from their pixels,
+                      <workdir>/evaluation.json
+
+The time of each stage is kept in <workdir>/demo_report.json.
 """
 from __future__ import annotations
 
+import json
+import os
+import signal as signal_lib
 import time
+from typing import Callable
 
 from absl import flags
+from etils import epath
+import ml_collections
+
 from dalle_jax import config as config_lib
-from dalle_jax import visualize
-from dalle_jax.data import pipeline as pipeline_lib
-from dalle_jax.data import sources
-from dalle_jax.data import text_tokenizer
+from dalle_jax import files
+from dalle_jax import signals
 
 config_lib.define_flags()
+
+REPORT = "demo_report.json"
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def stage_configs(config: ml_collections.ConfigDict, workdir: str):
+    """The stage-1 and stage-2 configs as the demo runs them: the demo's dataset, caption
+    tokenizer and seed, stage 2 reading the code shards of stage 1."""
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    if not data.data_dir:
+        data.data_dir = os.path.join(workdir, "tfds")
+    text = ml_collections.ConfigDict(config.text.to_dict())
+    if not text.tokenizer_path:
+        text.tokenizer_path = os.path.join(workdir, "text_tokenizer.model")
+
+    s1 = ml_collections.ConfigDict(config.image_tokenizer.to_dict())
+    s1.data = ml_collections.ConfigDict(data.to_dict())
+    s1.seed = config.seed
+    s1.encode.output_dir = os.path.join(workdir, "codes")
+
+    s2 = ml_collections.ConfigDict(config.transformer.to_dict())
+    s2.data = ml_collections.ConfigDict(data.to_dict())
+    s2.data.update(source="codes", data_dir=s1.encode.output_dir)
+    s2.text = text
+    s2.seed = config.seed
+    s2.stage2.image_tokenizer = os.path.join(workdir, "image_tokenizer")
+    return data, text, s1, s2
+
+
+def finished_step(run: str) -> int | None:
+    """The latest committed checkpoint step of a training run, or None."""
+    directory = epath.Path(run) / "checkpoints"
+    if not directory.exists():
+        return None
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    return max(steps) if steps else None
+
+
+class Report:
+    """Per-stage times, kept across reruns in <workdir>/demo_report.json."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, REPORT)
+        self.stages: dict[str, dict] = {}
+        if os.path.exists(self.path):
+            try:
+                self.stages = json.loads(open(self.path).read()).get("stages", {})
+            except (json.JSONDecodeError, AttributeError):
+                self.stages = {}
+
+    def record(self, name: str, seconds: float, skipped: bool, **extra) -> None:
+        entry = self.stages.get(name, {})
+        if skipped:
+            entry.update(skipped_last=True)
+        else:
+            entry = {"seconds": round(seconds, 1), "skipped_last": False, **extra}
+        self.stages[name] = entry
+        total = sum(s.get("seconds", 0.0) for s in self.stages.values())
+        files.atomic_write(self.path, json.dumps(
+            {"stages": self.stages, "total_seconds": round(total, 1)}, indent=2) + "\n")
+
+
+def run_stage(report: Report, index: int, count: int, name: str, title: str,
+              done: Callable[[], str | None], work: Callable[[], str | None]) -> None:
+    """Prints a header, skips the stage when ``done()`` says why it is complete, else
+    runs ``work()``; raises ``signals.Stop`` when a stop signal arrived meanwhile."""
+    print(f"\n== [{index}/{count}] {title} ==", flush=True)
+    reason = done()
+    if reason:
+        print(f"   done already: {reason}", flush=True)
+        report.record(name, 0.0, True)
+        return
+    start = time.perf_counter()
+    summary = work()
+    if signals.requested():  # a training stage saved its step and returned
+        raise signals.Stop(getattr(signal_lib, signals.requested()))
+    seconds = time.perf_counter() - start
+    report.record(name, seconds, False)
+    print(f"   {summary + ' ' if summary else ''}({seconds:.0f}s)", flush=True)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def examples_grid(data, tokenizer, seed: int, path: str) -> None:
+    """A grid of training examples with their captions and token counts."""
+    from dalle_jax import visualize  # pylint: disable=g-import-not-at-top
+    from dalle_jax.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+    from dalle_jax.data import sources  # pylint: disable=g-import-not-at-top
+    from dalle_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
+    with pipeline_lib.InputPipeline(
+            sources.make_source(data, "train"), batch_size=24, image_size=data.image_size,
+            preprocess=data.preprocess, text_tokenizer=tokenizer, train=True, seed=seed,
+            shuffle_buffer=data.shuffle_buffer, with_captions=True, process_index=0,
+            process_count=1) as pipeline:
+        batch = next(pipeline)
+    lengths = (batch["text_tokens"] != text_tokenizer.PAD_ID).sum(-1)
+    labels = [f"{c} [{n} tokens]" for c, n in zip(batch["caption"], lengths)]
+    visualize.save_png(visualize.captioned_grid(batch["image"], labels, cols=6), path)
+
+
+def encode(s1: ml_collections.ConfigDict, run: str) -> str:
+    """Every split as code shards (finished shards are kept), then each split's
+    metadata."""
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    from dalle_jax.data import code_records  # pylint: disable=g-import-not-at-top
+    from dalle_jax.inference.image_tokenizer import ImageTokenizerRun  # pylint: disable=g-import-not-at-top
+    from dalle_jax.data import encoding  # pylint: disable=g-import-not-at-top
+    tokenizer = dataclasses.replace(ImageTokenizerRun.load(run),
+                                    encode_chunk_size=s1.encode.chunk_size)
+    total = 0
+    for split in s1.encode.splits:
+        entries = encoding.encode_split(tokenizer, s1, split, s1.encode.output_dir,
+                                        batch_size=s1.encode.batch_size)
+        metadata = code_records.write_metadata(
+            s1.encode.output_dir, s1.data.name, split, shards=entries,
+            code_shape=[tokenizer.grid_size] * 2, vocab_size=tokenizer.vocab_size,
+            tokenizer_run=run, tokenizer_step=tokenizer.step)
+        total += metadata["num_examples"]
+    return f"{total} examples -> {s1.encode.output_dir}"
+
+
+def generate(model, prompts: list[str], count: int, seed: int, output: str,
+             grid_path: str) -> str:
+    """The demo prompts' images, grids and records, and the demo grid (a row per
+    prompt)."""
+    from dalle_jax import visualize  # pylint: disable=g-import-not-at-top
+    from dalle_jax.inference import outputs  # pylint: disable=g-import-not-at-top
+    result = model.generate(prompts, count, seed=seed, progress=True)
+    outputs.save_all(output, result)
+    grid = visualize.prompt_rows(result.images, prompts, cell_size=48, label_width=190)
+    visualize.save_png(grid, grid_path)
+    return f"-> {grid_path}, images in {output}"
+
 
 
 def main(argv):
     del argv
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir  # checked (dalle_jax.validate)
+    os.makedirs(workdir, exist_ok=True)
     config_lib.write_config(config, workdir)
-
+    data, text, s1, s2 = stage_configs(config, workdir)
+    s1_dir, s2_dir = s2.stage2.image_tokenizer, os.path.join(workdir, "transformer")
+    bundle_dir = os.path.join(workdir, "bundle")
+    samples_dir = os.path.join(workdir, "samples")
+    grid_path = os.path.join(workdir, "demo_grid.png")
+    eval_path = os.path.join(workdir, "evaluation.json")
+    report = Report(workdir)
     start = time.perf_counter()
-    source = sources.make_source(config.data, config.demo.split)
-    files = source.files()
-    print(f"dataset {source.name}: {sum(n for _, n in files)} examples in {len(files)} "
-          f"record files (ready in {time.perf_counter() - start:.1f}s)")
+    count = 8
 
-    start = time.perf_counter()
-    tokenizer = text_tokenizer.train_or_load_text_tokenizer(
-        config.text, workdir, sources.iter_captions(source))
-    print(f"text tokenizer {text_tokenizer.text_tokenizer_path(config.text, workdir)}: "
-          f"{tokenizer.vocab_size} pieces (ready in {time.perf_counter() - start:.1f}s)")
+    from dalle_jax.data import sources  # pylint: disable=g-import-not-at-top
+    splits = ("train", "validation", "test", "holdout")
 
-    count = config.demo.grid_rows * config.demo.grid_cols
-    with pipeline_lib.InputPipeline(
-            source, batch_size=count, image_size=config.data.image_size,
-            preprocess=config.data.preprocess, text_tokenizer=tokenizer, train=True,
-            seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
-            with_captions=True, process_index=0, process_count=1) as pipeline:
-        batch = next(pipeline)
-        start, steps = time.perf_counter(), 5
-        for _ in range(steps):
-            next(pipeline)
-        rate = steps * count / (time.perf_counter() - start)
-    print("batch: " + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in batch.items()))
-    print(f"pipeline: {rate:.0f} examples/s (batch {count}, warm)")
+    def build_dataset():
+        sizes = [sum(n for _, n in sources.make_source(data, s).files()) for s in splits]
+        return ", ".join(f"{s} {n}" for s, n in zip(splits, sizes)) + " examples"
 
-    lengths = (batch["text_tokens"] != text_tokenizer.PAD_ID).sum(-1)
-    labels = [f"{c} [{n} tokens]" for c, n in zip(batch["caption"], lengths)]
-    grid = visualize.captioned_grid(batch["image"], labels, cols=config.demo.grid_cols)
-    path = visualize.save_png(grid, f"{workdir}/examples.png")
-    for caption in batch["caption"][:3]:
-        print(f"  {caption!r} -> {tokenizer.pieces(caption)}")
-    print(f"wrote {path} ({grid.shape[1]}x{grid.shape[0]})")
+    def built():
+        if data.source != "captioned_shapes":
+            return None
+        from dalle_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top
+        name = shapes_tfds.config_name(
+            data.image_size, data.num_train, data.num_validation, data.num_test,
+            data.num_holdout, tuple(tuple(p) for p in data.holdout_pairs), data.dataset_seed)
+        folder = epath.Path(data.data_dir) / "captioned_shapes" / name
+        prepared = folder.exists() and any(
+            (v / "dataset_info.json").exists() for v in folder.iterdir())
+        return str(folder) if prepared else None
+
+    run_stage(report, 1, count, "dataset",
+              f"dataset: captioned shapes at {data.image_size} px in {data.data_dir}",
+              built, build_dataset)
+
+    from dalle_jax.data import text_tokenizer  # pylint: disable=g-import-not-at-top
+
+    def train_text():
+        tokenizer = text_tokenizer.train_or_load_text_tokenizer(
+            text, workdir, sources.iter_captions(sources.make_source(data, "train")))
+        examples_grid(data, tokenizer, config.seed,
+                                 os.path.join(workdir, "examples.png"))
+        return (f"{tokenizer.vocab_size} pieces -> {text.tokenizer_path}; training "
+                f"examples in {workdir}/examples.png")
+
+    run_stage(report, 2, count, "text_tokenizer", "caption tokenizer (BPE)",
+              lambda: text.tokenizer_path if os.path.exists(text.tokenizer_path) else None,
+              train_text)
+
+    from dalle_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
+    def trained(run, total):
+        step = finished_step(run)
+        return f"{run} at step {step}" if step is not None and step >= total else None
+
+    def train(stage_config, run):
+        def work():
+            trainer.train_and_evaluate(stage_config, run)
+            return f"-> {run}"
+        return work
+
+    m = s1.model
+    run_stage(report, 3, count, "stage1",
+              f"stage 1: image tokenizer ({m.kind}, {data.image_size} px -> codes of "
+              f"{m.vocab_size}), {s1.total_steps} steps",
+              lambda: trained(s1_dir, s1.total_steps), train(s1, s1_dir))
+
+    from dalle_jax.data import code_records  # pylint: disable=g-import-not-at-top
+
+    def encoded():
+        try:
+            metadata = [code_records.read_metadata(s1.encode.output_dir, data.name, s)
+                        for s in s1.encode.splits]
+        except FileNotFoundError:
+            return None
+        if any(m.get("tokenizer_step") != s1.total_steps for m in metadata):
+            return None
+        return f"{sum(m['num_examples'] for m in metadata)} examples in {s1.encode.output_dir}"
+
+    run_stage(report, 4, count, "encode", "encode the dataset with stage 1",
+              encoded, lambda: encode(s1, s1_dir))
+
+    mm = s2.model
+    run_stage(report, 5, count, "stage2",
+              f"stage 2: transformer ({mm.num_layers} layers, d = "
+              f"{mm.num_heads * mm.head_dim}) over [{s2.text.text_len} caption tokens | "
+              f"{mm.image_grid[0]}x{mm.image_grid[1]} codes], {s2.total_steps} steps",
+              lambda: trained(s2_dir, s2.total_steps), train(s2, s2_dir))
+
+    from dalle_jax.inference import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
+
+    def exported():
+        try:
+            manifest = bundle_lib.verify(bundle_dir)
+        except bundle_lib.BundleError:
+            return None
+        step = manifest["parts"]["transformer"]["source"]["step"]
+        return f"{bundle_dir} (step {step})" if step == s2.total_steps else None
+
+    def export():
+        result = bundle_lib.export(s2_dir, bundle_dir, overwrite=True)
+        return (f"-> {bundle_dir}: {result.bundle_bytes / 1e6:.1f} MB, "
+                f"{result.bundle_bytes / result.checkpoint_bytes:.2f}x the training "
+                "checkpoint")
+
+    run_stage(report, 6, count, "export", "export the inference bundle", exported, export)
+
+    demo = config.demo
+    model_box = {}
+
+    def model():
+        if "model" not in model_box:
+            from dalle_jax.inference import text_to_image  # pylint: disable=g-import-not-at-top
+            model_box["model"] = text_to_image.TextToImage.load(bundle_dir)
+        return model_box["model"]
+
+    def newer_than_bundle(path):
+        manifest = os.path.join(bundle_dir, bundle_lib.MANIFEST)
+        return (os.path.exists(path) and os.path.exists(manifest)
+                and os.path.getmtime(path) >= os.path.getmtime(manifest))
+
+    run_stage(report, 7, count, "generate",
+              f"generate {demo.images_per_prompt} images for each of {len(demo.prompts)} "
+              "prompts", lambda: grid_path if newer_than_bundle(grid_path) else None,
+              lambda: generate(model(), list(demo.prompts), demo.images_per_prompt,
+                               demo.seed, samples_dir, grid_path))
+
+    def evaluate():
+        from dalle_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+        result = evaluate_lib.evaluate(
+            model(), data_dir=data.data_dir, test_prompts=demo.test_prompts,
+            holdout_prompts=demo.holdout_prompts,
+            images_per_prompt=demo.eval_images_per_prompt, seed=demo.seed, log=print)
+        files.atomic_write(eval_path, json.dumps(result, indent=1) + "\n")
+        return f"-> {eval_path}"
+
+    run_stage(report, 8, count, "evaluate",
+              f"evaluate (stage 1 and 2 on validation; {demo.test_prompts} test and "
+              f"{demo.holdout_prompts} holdout prompts x {demo.eval_images_per_prompt} "
+              "images judged from pixels)",
+              lambda: eval_path if newer_than_bundle(eval_path) else None, evaluate)
+
+    from dalle_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+    print()
+    print(evaluate_lib.table(json.loads(open(eval_path).read())))
+    print(f"\ndemo done in {time.perf_counter() - start:.0f}s (this run; per stage: "
+          f"{report.path})")
+    print(f"grid: {grid_path}\nimages: {samples_dir}\nscores: {eval_path}\n"
+          f"bundle: {bundle_dir}  (python -m dalle_jax.tools.generate --bundle={bundle_dir} "
+          "--prompt=\"a red star\" --output=...)")
 
 
 if __name__ == "__main__":

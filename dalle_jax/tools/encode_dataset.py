@@ -11,79 +11,20 @@ renamed when complete, so an interrupted job leaves no partial shard.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Iterator
 
 from absl import flags
-from etils import epath
 import jax
 from jax.experimental import multihost_utils
-import numpy as np
-import tensorflow as tf
-import tqdm
 
 from dalle_jax import config as config_lib
 from dalle_jax import errors
 from dalle_jax.data import code_records
-from dalle_jax.data import pipeline as pipeline_lib
-from dalle_jax.data import sources
+from dalle_jax.data import encoding
 from dalle_jax.train import distributed
 
 config_lib.define_flags()
 distributed.define_flags()
-
-
-def _examples(source, path: str, image_size: int, preprocess: str,
-              batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of (image, caption, id) of one record file, in file order."""
-    def prepare(record):
-        example = pipeline_lib.prepare_example(
-            source.parse(record), image_size=image_size, preprocess=preprocess)
-        return {key: example[key] for key in ("image", "caption", "id")}
-
-    dataset = tf.data.TFRecordDataset(path).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    iterator = dataset.batch(batch_size).prefetch(2).as_numpy_iterator()
-    try:
-        yield from iterator
-    finally:
-        del iterator  # closing the generator releases the tf.data iterator at once
-
-
-def _code_records(tokenizer, batches, batch_size: int) -> Iterator[bytes]:
-    """Serialized code records of ``batches``, in order."""
-    for batch in batches:
-        real = len(batch["image"])
-        images = batch["image"]
-        if real < batch_size:  # one compiled shape for every batch
-            images = np.concatenate([images, np.zeros(
-                (batch_size - real,) + images.shape[1:], images.dtype)])
-        codes = tokenizer.encode(images)[:real]
-        for grid, caption, ident in zip(codes, batch["caption"], batch["id"]):
-            yield code_records.encode_record(grid, caption, ident)
-
-
-def encode_split(tokenizer, config, split: str, output_dir: str, *, batch_size: int,
-                 process_index: int = 0, process_count: int = 1,
-                 progress: bool = True) -> list[dict]:
-    """Encodes this process's shards of ``split``; returns every shard's entry."""
-    source = sources.make_source(config.data, split)
-    inputs = sorted(source.files())
-    epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
-    name = config.data.name
-    entries = [{"file": code_records.shard_name(name, split, i, len(inputs)),
-                "num_examples": count} for i, (_, count) in enumerate(inputs)]
-    mine = [i for i in range(len(inputs)) if i % process_count == process_index]
-    for i in tqdm.tqdm(mine, desc=f"{name}:{split}", unit=" shards", disable=not progress):
-        file_name = entries[i]["file"]
-        if code_records.shard_exists(output_dir, file_name):
-            continue  # finished by an earlier run
-        with contextlib.closing(_examples(source, inputs[i][0], config.data.image_size,
-                                          config.data.preprocess, batch_size)) as batches:
-            code_records.write_shard(output_dir, file_name,
-                                     _code_records(tokenizer, batches, batch_size),
-                                     writer_token=str(process_index))
-    return entries
 
 
 def main(argv):
@@ -108,7 +49,7 @@ def main(argv):
     tokenizer = ImageTokenizerRun.load(workdir, config)
     tokenizer = dataclasses.replace(tokenizer, encode_chunk_size=chunk)
     for split in config.encode.splits:
-        entries = encode_split(tokenizer, config, split, config.encode.output_dir,
+        entries = encoding.encode_split(tokenizer, config, split, config.encode.output_dir,
                                batch_size=config.encode.batch_size,
                                process_index=jax.process_index(),
                                process_count=jax.process_count())

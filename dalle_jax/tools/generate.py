@@ -14,10 +14,7 @@ seed give byte-identical PNGs.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 import sys
 import time
 
@@ -50,12 +47,6 @@ _VARIATIONS_OF = flags.DEFINE_string(
     "resampled with --num_images seeds (unconditional unless a --prompt is given).")
 _GRID_COLS = flags.DEFINE_integer("grid_cols", None, "Columns of each grid.", lower_bound=1)
 config_lib.define_debug_flag()
-
-
-def slug(text: str, limit: int = 40) -> str:
-    """A file-name-safe short form of a prompt."""
-    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return words[:limit].rstrip("-") or "unconditional"
 
 
 def _prompts(errors) -> list[str]:
@@ -97,7 +88,7 @@ def main(argv):
         raise errors.UserError("--prime_rows needs --prime_image or --variations_of")
     prompts = _prompts(errors)
 
-    from dalle_jax import files, visualize  # pylint: disable=g-import-not-at-top
+    from dalle_jax.inference import outputs  # pylint: disable=g-import-not-at-top
     from dalle_jax.inference import text_to_image  # pylint: disable=g-import-not-at-top
     start = time.perf_counter()
     model = text_to_image.TextToImage.load(_BUNDLE.value)
@@ -110,14 +101,11 @@ def main(argv):
     prime_rows = _PRIME_ROWS.value
     if _VARIATIONS_OF.value and prime_rows is None:
         prime_rows = model.grid_size // 2
-    names = [f"{i:03d}_{slug(p)}" for i, p in enumerate(prompts)]
+    names = outputs.prompt_names(prompts)
     count = _NUM_IMAGES.value
-    digits = max(2, len(str(count - 1)))
-    image_file = lambda p, j: f"images/{names[p]}/{j:0{digits}d}.png"
 
     def write_batch(rows, images):
-        for (p, j), image in zip(rows, images):
-            visualize.save_png(image, os.path.join(output, image_file(p, j)))
+        outputs.save_images(output, names, rows, images, count)
 
     start = time.perf_counter()
     result = model.generate(
@@ -126,17 +114,8 @@ def main(argv):
         prime_image=prime_image, prime_rows=prime_rows or 0, progress=True, warn=warn,
         on_batch=write_batch)
     seconds = time.perf_counter() - start
-    cols = _GRID_COLS.value or min(count, max(1, math.ceil(math.sqrt(count * 2))))
-    for p, prompt in enumerate(prompts):
-        grid = visualize.captioned_grid(
-            result.images[p], [f"#{j}" for j in range(count)], cols=cols, cell_size=128,
-            caption_lines=1, title=prompt or "(no prompt)")
-        visualize.save_png(grid, os.path.join(output, "grids", f"{names[p]}.png"))
-    lines = []
-    for record in result.records:
-        record = {"file": image_file(record["prompt_index"], record["index"]), **record}
-        lines.append(json.dumps(record, sort_keys=False))
-    files.atomic_write(os.path.join(output, "samples.jsonl"), "\n".join(lines) + "\n")
+    outputs.save_grids(output, result, names, _GRID_COLS.value)
+    outputs.save_records(output, result, names)
     total = len(result.records)
     print(f"{total} images of {len(prompts)} prompt(s) in {seconds:.1f}s "
           f"({total / seconds:.2f} images/s) -> {output}/images, grids in {output}/grids, "

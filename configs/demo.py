@@ -1,0 +1,97 @@
+r"""The demo: the whole main job on captioned shapes, text → image, on one CPU machine.
+
+  make demo        # = python -m dalle_jax.tools.demo --config=configs/demo.py --workdir=runs/demo
+
+Builds the dataset, trains the caption tokenizer, trains stage 1 (a VQ-VAE), encodes the
+dataset, trains stage 2 (the transformer), exports the bundle, generates a grid for a
+few test and holdout prompts and evaluates it all (dalle_jax.tools.demo). Each stage is
+skipped when its output is complete, so rerunning after an interruption continues.
+
+The sizes are chosen for a 20-minute budget on a 2-core CPU (docs/experiments/demo.md):
+
+- 32 px images: a quarter of the pixels of the 64 px preset, so stage 1 costs a quarter
+  as much per image; objects are still 6 px (small) and 13 px (large) wide.
+- Stage 1: the VQ-VAE (the dVAE does not reach the VQ-VAE's quality in a short run,
+  docs/experiments/stage1.md), n_hid 32, two poolings: 32 px → 8x8 codes of 512.
+- Stage 2: d = 128 (4 heads of 32), 4 layers, unrolled (faster for a small model),
+  over [20 caption tokens | 64 codes]; the longest caption is 15 BPE pieces, the rest
+  leaves room for BPE-dropout.
+
+Arguments after ':' : runlocal (a tiny dataset and a few steps per stage: for tests).
+"""
+import os
+
+from dalle_jax.config import load_config_file, parse_arg
+from dalle_jax.data import presets
+import ml_collections
+from ml_collections import config_dict
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, runlocal=False)
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    # The dataset every stage reads; built under <workdir>/tfds unless data_dir is set.
+    config.data = presets.captioned_shapes(32, arg.runlocal)
+
+    # The caption tokenizer, trained once beside the runs (<workdir>/text_tokenizer.model).
+    config.text = ml_collections.ConfigDict(dict(
+        tokenizer_path=config_dict.placeholder(str), vocab_size=512, model_type="bpe",
+        text_len=20, bpe_dropout=0.1))
+
+    # Stage 1. Its data and text sections are the demo's (set by the demo tool).
+    s1 = load_config_file(os.path.join(_HERE, "image_tokenizer_shapes.py") + ":kind=vqvae")
+    s1.model.update(n_hid=32, group_count=3, vocab_size=512)
+    s1.update(total_steps=2_000, batch_size=32)
+    s1.stage1.update(temperature_steps=2_000, kl_warmup_steps=200)
+    s1.optimizer.update(warmup_steps=100)
+    s1.train.update(log_every=100, eval_every=0, summary_every=0)
+    s1.checkpoint.save_every = 500
+    s1.encode.update(batch_size=500, splits=("train", "validation", "test", "holdout"))
+    config.image_tokenizer = s1
+
+    # Stage 2, trained from the code shards of stage 1.
+    s2 = load_config_file(os.path.join(_HERE, "transformer_shapes.py"))
+    s2.model.update(image_vocab_size=512, image_grid=(8, 8), num_layers=4, num_heads=4,
+                    head_dim=32, scan_layers=False)
+    s2.update(total_steps=1_200, batch_size=64)
+    s2.optimizer.update(warmup_steps=100, decay_steps=(800, 1_000))
+    s2.train.update(log_every=50, eval_every=0, summary_every=0)
+    s2.checkpoint.save_every = 300
+    config.transformer = s2
+
+    config.demo = ml_collections.ConfigDict(dict(
+        # The grid: each prompt's images in a row. Test-split captions and, last, two
+        # (colour, shape) pairs kept out of training (the holdout split).
+        prompts=("a red circle in the top left", "a blue square in the center",
+                 "a large yellow triangle at the bottom right", "a small white star",
+                 "a cyan diamond above a red circle", "a green triangle in the center",
+                 "a purple circle to the left of a blue square"),
+        images_per_prompt=8,
+        seed=0,
+        # Evaluation: distinct captions of the test and holdout splits, images each.
+        test_prompts=128,
+        holdout_prompts=64,
+        eval_images_per_prompt=2,
+    ))
+
+    if arg.runlocal:
+        s1.update(total_steps=4, batch_size=8)
+        s1.model.update(n_hid=8, n_init=8, vocab_size=32, code_dim=8)
+        s1.stage1.update(temperature_steps=4, kl_warmup_steps=1)
+        s1.optimizer.warmup_steps = 1
+        s1.train.log_every = 2
+        s1.checkpoint.save_every = 2
+        s1.encode.batch_size = 64
+        s2.model.update(image_vocab_size=32, num_layers=2, num_heads=2, head_dim=16,
+                        conv_kernel=3)
+        s2.update(total_steps=4, batch_size=8)
+        s2.optimizer.update(warmup_steps=1, decay_steps=())
+        s2.train.log_every = 2
+        s2.checkpoint.save_every = 2
+        config.text.vocab_size = 128
+        config.demo.update(images_per_prompt=2, test_prompts=4, holdout_prompts=2,
+                           eval_images_per_prompt=1)
+    return config
