@@ -226,3 +226,20 @@ def test_command_line_applies_overrides_and_writes_record_and_page(tmp_path):
     assert record["config_file"] == "configs/bench_dvae.py:runlocal"
     assert record["machine"]["device_count"] == 1
     assert "| figure | value | target | met | notes |" in (tmp_path / "BENCHMARKS.md").read_text()
+
+
+def test_generate_measures_the_path_end_to_end_against_the_sampler(runs):
+    record = runs[1]["generate"]
+    figures = _figures(record)
+    batch = record["config"]["bench"]["batch_size"]
+    for name in (f"sampler alone, batch {batch}", f"decode to pixels, batch {batch}",
+                 "generate command: images/s it reports (after loading)"):
+        assert figures[name]["value"] > 0, name
+    assert any(n.startswith("generate with PNGs") and f["value"] > 0
+               for n, f in figures.items())
+    wall = next(f for n, f in figures.items() if n.startswith("generate command: wall"))
+    assert wall["value"] > 0
+    # The demo's stages come from its report; a fresh checkout has none yet and says so.
+    demo = figures["demo: whole job (make demo)"]
+    assert demo["target"] == {"op": "<=", "value": 1200}
+    assert demo["value"] is not None or "run make demo first" in demo["note"]

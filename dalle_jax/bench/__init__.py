@@ -1,6 +1,6 @@
 """Benchmarks: one module per benchmark, the JSON record of a run, the results page.
 
-``python -m dalle_jax.tools.bench <input|dvae|transformer|checkpoint|all|report>`` runs them;
+``python -m dalle_jax.tools.bench <input|dvae|transformer|checkpoint|generate|all|report>`` runs them;
 each benchmark reads ``configs/bench_<name>.py`` (its targets included) and writes
 ``benchmarks/<name>.json``, from which ``BENCHMARKS.md`` is rendered.
 """
@@ -39,4 +39,9 @@ BENCHMARKS = {b.name: b for b in (
               "time in save() with and without, and hashing one host's share of the 12B "
               "preset's checkpoint.",
               "dalle_jax.bench.checkpoint"),
+    Benchmark("generate", "Generation and the demo",
+              "Text to image from a bundle: the sampler alone, decoding to pixels, the "
+              "generate path with PNG writing and the generate command as a fresh process, "
+              "side by side at one batch size; and the time of each stage of make demo.",
+              "dalle_jax.bench.generate"),
 )}

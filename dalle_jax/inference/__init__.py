@@ -8,11 +8,3 @@ when the run kept one) and non-gradient model state, never the optimizer's;
 :class:`~dalle_jax.inference.image_tokenizer.ImageTokenizerRun` (stage 1) and
 :class:`~dalle_jax.inference.transformer.TransformerRun` (stage 2) build on it.
 """
-
-
-def __getattr__(name):
-    # Lazy, so that importing one submodule does not import them all.
-    if name in ("TextToImage", "Generation"):
-        from dalle_jax.inference import text_to_image  # pylint: disable=g-import-not-at-top
-        return getattr(text_to_image, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -133,12 +133,11 @@ class ExportReport:
     ema: bool
 
 
-def _image_tokenizer_config(run) -> dict:
+def image_tokenizer_config(config: ml_collections.ConfigDict) -> dict:
     """The parts of a stage-1 config a bundle needs to rebuild the model."""
-    return {"model": run.config.model.to_dict(),
-            "data": {"image_size": int(run.config.data.image_size)},
-            "sharding": (run.config.sharding.to_dict() if "sharding" in run.config
-                         else None)}
+    return {"model": config.model.to_dict(),
+            "data": {"image_size": int(config.data.image_size)},
+            "sharding": config.sharding.to_dict() if "sharding" in config else None}
 
 
 def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
@@ -191,31 +190,55 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
             f"codes of {tokenizer.vocab_size}, but the transformer takes "
             f"{cfg.image_height}x{cfg.image_width} codes of {cfg.image_vocab_size}")
     ema = run_config.train.ema_decay > 0
+    checkpoint_dir = workdir / runs.CHECKPOINTS / str(transformer.step)
+    checkpoint_bytes = directory_bytes(checkpoint_dir) if checkpoint_dir.exists() else 0
+    manifest = write(
+        output, transformer_config=run_config, transformer_params=transformer.params,
+        image_tokenizer_config=image_tokenizer_config(tokenizer.config),
+        image_tokenizer_variables=tokenizer.variables, text_tokenizer_file=text_path,
+        dtype=dtype, log=log,
+        sources={"transformer": {"run": str(workdir.resolve()), "step": transformer.step,
+                                 "ema": ema},
+                 "image_tokenizer": {"run": str(epath.Path(stage1_dir).resolve()),
+                                     "step": tokenizer.step,
+                                     "kind": tokenizer.config.model.kind},
+                 "text_tokenizer": str(text_path.resolve())},
+        extra={"training_checkpoint_bytes": checkpoint_bytes})
+    files = manifest["files"]
+    part_bytes = {part: sum(f["size"] for name, f in files.items()
+                            if name.startswith(part + "/")) for part in PARTS}
+    part_bytes["text_tokenizer"] = files[TEXT_TOKENIZER_FILE]["size"]
+    return ExportReport(output, manifest["bundle_bytes"], checkpoint_bytes, part_bytes,
+                        transformer.step, ema)
 
+
+def write(output: str | os.PathLike, *, transformer_config: ml_collections.ConfigDict,
+          transformer_params, image_tokenizer_config: dict, image_tokenizer_variables,
+          text_tokenizer_file: str | os.PathLike, sources: dict[str, Any],
+          dtype: str = "float32", extra: dict[str, Any] | None = None,
+          log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Writes a bundle from its parts (an existing ``output`` is replaced): under a
+    temporary name, renamed when complete. Returns the manifest."""
+    output = epath.Path(output)
     temp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     if temp.exists():
         shutil.rmtree(temp)
     temp.mkdir(parents=True)
     try:
-        transformer_params = _to_host(transformer.params, dtype)
-        tokenizer_variables = _to_host(tokenizer.variables)
+        transformer_params = _to_host(transformer_params, dtype)
+        tokenizer_variables = _to_host(image_tokenizer_variables)
         (temp / "transformer").mkdir()
         (temp / "image_tokenizer").mkdir()
         (temp / PARTS["transformer"][0]).write_text(
-            json.dumps(_plain_config(run_config), indent=2, sort_keys=True) + "\n")
+            json.dumps(_plain_config(transformer_config), indent=2, sort_keys=True) + "\n")
         (temp / PARTS["image_tokenizer"][0]).write_text(
-            json.dumps(_image_tokenizer_config(tokenizer), indent=2, sort_keys=True) + "\n")
-        shutil.copyfile(text_path, temp / TEXT_TOKENIZER_FILE)
+            json.dumps(image_tokenizer_config, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(text_tokenizer_file, temp / TEXT_TOKENIZER_FILE)
         log("writing the transformer's parameters")
         _save_arrays(temp / PARTS["transformer"][1], transformer_params)
         log("writing the image tokenizer's variables")
         _save_arrays(temp / PARTS["image_tokenizer"][1], tokenizer_variables)
-        checkpoint_dir = workdir / runs.CHECKPOINTS / str(transformer.step)
-        checkpoint_bytes = directory_bytes(checkpoint_dir) if checkpoint_dir.exists() else 0
         files = _file_table(temp)
-        part_bytes = {part: sum(f["size"] for name, f in files.items()
-                                if name.startswith(part + "/")) for part in PARTS}
-        part_bytes["text_tokenizer"] = files[TEXT_TOKENIZER_FILE]["size"]
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -225,21 +248,18 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
                 "transformer": {
                     "config": PARTS["transformer"][0], "arrays": PARTS["transformer"][1],
                     "dtype": dtype, "shapes": tree_shapes(transformer_params),
-                    "source": {"run": str(workdir.resolve()), "step": transformer.step,
-                               "ema": ema}},
+                    "source": sources.get("transformer", {})},
                 "image_tokenizer": {
                     "config": PARTS["image_tokenizer"][0],
                     "arrays": PARTS["image_tokenizer"][1],
                     "shapes": tree_shapes(tokenizer_variables),
-                    "source": {"run": str(epath.Path(stage1_dir).resolve()),
-                               "step": tokenizer.step,
-                               "kind": tokenizer.config.model.kind}},
+                    "source": sources.get("image_tokenizer", {})},
                 "text_tokenizer": {"file": TEXT_TOKENIZER_FILE,
-                                   "source": str(text_path.resolve())},
+                                   "source": sources.get("text_tokenizer")},
             },
             "files": files,
             "bundle_bytes": sum(f["size"] for f in files.values()),
-            "training_checkpoint_bytes": checkpoint_bytes,
+            **(extra or {}),
         }
         (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if output.exists():
@@ -248,8 +268,7 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
-    return ExportReport(output, manifest["bundle_bytes"], checkpoint_bytes, part_bytes,
-                        transformer.step, ema)
+    return manifest
 
 
 # -------------------------------------------------------------------------------- load

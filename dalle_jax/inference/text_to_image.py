@@ -1,6 +1,6 @@
 """Text → image from an exported bundle: the API a notebook reaches for first.
 
-    from dalle_jax.inference import TextToImage
+    from dalle_jax.inference.text_to_image import TextToImage
 
     model = TextToImage.load("runs/demo/bundle")
     result = model.generate(["a red circle in the top left"], num_images=8, seed=0)
