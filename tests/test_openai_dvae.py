@@ -220,3 +220,39 @@ def test_missing_and_unexpected_parameters_are_named():
         openai_dvae.state_dict_to_params(
             dict(state, **{"blocks.group_3.block_1.id_path.w": np.zeros((8, 8, 1, 1))}),
             expected, "encoder")
+
+
+def test_a_transformer_on_the_converted_dvaes_codes_exports_with_it(released, tmp_path):
+    """The conversion serves as a bundle's image tokenizer, as a stage-1 run does."""
+    from configs import transformer_shapes
+    from dalle_jax.inference import bundle as bundle_lib
+    from dalle_jax.inference.text_to_image import TextToImage
+    from dalle_jax.train import trainer
+    from tests import code_shards
+    codes = str(tmp_path / "codes")
+    # 64 px, 8x8 patches quantised to 8 levels per channel: 8x8 codes of 512, the
+    # conversion's grid and vocabulary.
+    info = code_shards.write_code_shards(codes, {"train": 32, "validation": 8},
+                                         image_size=64, patch=8, levels=8)
+    config = transformer_shapes.get_config("runlocal")
+    config.data.update(data_dir=codes, name="shapes", image_size=64, shuffle_buffer=32)
+    config.text.update(text_len=8, vocab_size=64)
+    config.model.update(image_grid=info["grid"], image_vocab_size=MODEL["vocab_size"],
+                        num_layers=2, num_heads=2, head_dim=16, conv_kernel=3)
+    config.mesh.update(data=-1)
+    config.update(batch_size=8, total_steps=2)
+    config.optimizer.update(warmup_steps=1)
+    config.train.update(log_every=1, eval_every=0, summary_every=0)
+    run = str(tmp_path / "run")
+    trainer.train_and_evaluate(config, run, console=lambda s: None)
+
+    report = bundle_lib.export(run, tmp_path / "bundle", image_tokenizer=released["converted"])
+    manifest = bundle_lib.verify(report.path)
+    assert manifest["parts"]["image_tokenizer"]["source"]["run"] == str(
+        released["converted"].resolve())
+    model = TextToImage.load(report.path)
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(model.encode(images),
+                                  _as_image_tokenizer(released).encode(images))
+    result = model.generate(["a red circle"], 2, seed=0)
+    assert result.images.shape == (1, 2, 64, 64, 3)

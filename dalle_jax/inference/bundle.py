@@ -40,6 +40,7 @@ from dalle_jax import errors
 from dalle_jax.data import text_tokenizer as text_tokenizer_lib
 from dalle_jax.inference import runs
 from dalle_jax.models import image_tokenizers
+from dalle_jax.models import openai_dvae
 from dalle_jax.models import transformer as transformer_lib
 from dalle_jax.stages import image_tokenizer as stage1
 from dalle_jax.stages import transformer as stage2
@@ -181,7 +182,12 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
     log(f"loading the transformer of {workdir}")
     transformer = transformer_run.TransformerRun.load(str(workdir), run_config, step=step)
     log(f"loading the image tokenizer of {stage1_dir}")
-    tokenizer = image_tokenizer_run.ImageTokenizerRun.load(str(stage1_dir))
+    stage1_config = None
+    if (epath.Path(stage1_dir) / openai_dvae.ARCHITECTURE_FILE).exists():
+        # A conversion of OpenAI's dVAE: at the resolution the transformer was trained on.
+        stage1_config = ml_collections.ConfigDict(
+            {"data": {"image_size": int(run_config.data.image_size)}})
+    tokenizer = image_tokenizer_run.ImageTokenizerRun.load(str(stage1_dir), stage1_config)
     cfg = transformer.model_config
     if (tokenizer.vocab_size > cfg.image_vocab_size or cfg.image_height != cfg.image_width
             or tokenizer.grid_size != cfg.image_height):
