@@ -11,13 +11,13 @@ then train the caption tokenizer beside the run and look at a grid of inputs:
 
   python -m dalle_jax.tools.train_text_tokenizer --config=configs/input_photos.py \
       --config.data.data_dir=/data/my_photos_records --workdir=runs/photos
-  python -m dalle_jax.tools.demo --config=configs/input_photos.py \
+  python -m dalle_jax.tools.show_inputs --config=configs/input_photos.py \
       --config.data.data_dir=/data/my_photos_records --workdir=runs/photos
 
 A tfds dataset with an image and a caption feature works the same way, e.g. MS-COCO
 prepared in your own tfds folder:
 
-  python -m dalle_jax.tools.demo --config=configs/input_photos.py:coco --workdir=runs/coco \
+  python -m dalle_jax.tools.show_inputs --config=configs/input_photos.py:coco --workdir=runs/coco \
       --config.data.data_dir=/data/tensorflow_datasets
 
 Arguments after ':' : coco (tfds coco_captions), runlocal (64 px, small batch).
@@ -43,10 +43,10 @@ def get_config(arg=None):
     config.text.text_len = 256  # paper
     config.text.bpe_dropout = 0.1  # paper
 
-    config.demo = ml_collections.ConfigDict()
-    config.demo.grid_rows = 3
-    config.demo.grid_cols = 4
-    config.demo.split = "train"
+    config.inputs = ml_collections.ConfigDict()
+    config.inputs.grid_rows = 3
+    config.inputs.grid_cols = 4
+    config.inputs.split = "train"
 
     if arg.runlocal:
         config.text.text_len = 64

@@ -1,13 +1,13 @@
 r"""Input config: captioned shapes, the embedded default dataset (64 px, one or two
 coloured shapes), and its caption tokenizer. Not a stage config: it has no model.
 
-Runs (the demo builds the dataset, trains the caption tokenizer and writes a grid):
+Shown as a grid of training examples (builds the dataset, trains the caption tokenizer):
 
-  python -m dalle_jax.tools.demo --config=configs/input_shapes.py --workdir=runs/shapes
+  python -m dalle_jax.tools.show_inputs --config=configs/input_shapes.py --workdir=runs/shapes
 
 A quick local try on a small dataset at 32 px:
 
-  python -m dalle_jax.tools.demo --config=configs/input_shapes.py:runlocal --workdir=/tmp/shapes
+  python -m dalle_jax.tools.show_inputs --config=configs/input_shapes.py:runlocal --workdir=/tmp/shapes
 
 Arguments after ':' (comma-separated): runlocal (small and fast), res=32|64|128|256.
 Any field can be overridden: --config.data.num_train=10000 --config.batch_size=32.
@@ -34,10 +34,10 @@ def get_config(arg=None):
     config.text.text_len = 32
     config.text.bpe_dropout = 0.1  # training only
 
-    config.demo = ml_collections.ConfigDict()
-    config.demo.grid_rows = 4
-    config.demo.grid_cols = 6
-    config.demo.split = "train"
+    config.inputs = ml_collections.ConfigDict()
+    config.inputs.grid_rows = 4
+    config.inputs.grid_cols = 6
+    config.inputs.split = "train"
 
     if arg.runlocal:
         config.batch_size = 16

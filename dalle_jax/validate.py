@@ -801,9 +801,9 @@ def rule(*checks: Check, jobs: Sequence[str] | None = None, io: bool = False) ->
     return Rule(tuple(checks), frozenset(jobs) if jobs is not None else None, io)
 
 
-DATA_JOBS = ("train", "demo", "train_text_tokenizer", "eval_image_tokenizer",
+DATA_JOBS = ("train", "demo", "show_inputs", "train_text_tokenizer", "eval_image_tokenizer",
              "encode_dataset")
-TEXT_JOBS = ("train", "demo", "train_text_tokenizer")
+TEXT_JOBS = ("train", "demo", "show_inputs", "train_text_tokenizer")
 
 RULES: dict[str, Rule] = {
     # The training core (dalle_jax/train/defaults.py).
@@ -871,6 +871,9 @@ RULES: dict[str, Rule] = {
     "demo.test_prompts": rule(NON_NEGATIVE_INT),
     "demo.holdout_prompts": rule(NON_NEGATIVE_INT),
     "demo.eval_images_per_prompt": rule(POSITIVE_INT),
+    "inputs.grid_rows": rule(POSITIVE_INT),
+    "inputs.grid_cols": rule(POSITIVE_INT),
+    "inputs.split": rule(file_name_part),
     # Stage 1 (configs/image_tokenizer_*.py; bench_dvae and the OpenAI conversion
     # share the architecture's fields).
     "model.kind": rule(one_of(MODEL_KINDS)),
@@ -983,6 +986,7 @@ RULES: dict[str, Rule] = {
     "bench.max_shard_bytes": rule(POSITIVE_INT),
     # What a job needs from its config: splits that exist, paths it reads and writes.
     # A key with a second, job-specific rule is written "<key>@<what>"; both apply.
+    "inputs.split@exists": rule(split_name, jobs=("show_inputs",), io=True),
     "stage1.eval_split@exists": rule(eval_split, jobs=("train", "eval_image_tokenizer"),
                                      io=True),
     "stage2.eval_split@exists": rule(split_name, jobs=("train",), io=True),
@@ -1046,6 +1050,7 @@ class Job:
 JOBS = {
     "train": Job("run"),
     "demo": Job("run"),
+    "show_inputs": Job("run"),
     "train_text_tokenizer": Job("run", workdir_required=False),  # or text.tokenizer_path
     "eval_image_tokenizer": Job("stage1_run"),  # writes eval_<split>.json there
     "encode_dataset": Job("stage1_run", writes_workdir=False),

@@ -161,6 +161,8 @@ MISTAKES = [
     Mistake("demo-images-per-prompt", "demo", (DEMO, NEW, "--config.demo.images_per_prompt=0"),
             "config.demo.images_per_prompt"),
     Mistake("demo-input-config", "demo", (INPUT, NEW), "use configs/demo.py"),
+    Mistake("show-inputs-split", "show_inputs", (INPUT, NEW, "--config.inputs.split=trian"),
+            "config.inputs.split"),
     # train_text_tokenizer
     Mistake("text-vocab-0", "train_text_tokenizer", (INPUT, NEW, "--config.text.vocab_size=0"),
             "config.text.vocab_size"),
@@ -534,6 +536,7 @@ def test_a_valid_command_passes_and_writes_nothing(tmp_path):
     _check("configs/image_tokenizer_shapes.py", ("data.data_dir", str(tmp_path / "tfds")),
            workdir=str(tmp_path / "run"))
     _check("configs/demo.py", job="demo", workdir=str(tmp_path / "run"))
+    _check("configs/input_shapes.py", job="show_inputs", workdir=str(tmp_path / "run"))
     _check("configs/input_shapes.py", job="train_text_tokenizer",
            workdir=str(tmp_path / "run"), split="train", overwrite=False)
     _check("configs/convert_images.py", ("input_dir", str(tmp_path)),
