@@ -44,8 +44,8 @@ def get_config(arg=None):
     # Stage 1. Its data and text sections are the demo's (set by the demo tool).
     s1 = load_config_file(os.path.join(_HERE, "image_tokenizer_shapes.py") + ":kind=vqvae")
     s1.model.update(n_hid=32, group_count=3, vocab_size=512)
-    s1.update(total_steps=2_000, batch_size=32)
-    s1.stage1.update(temperature_steps=2_000, kl_warmup_steps=200)
+    s1.update(total_steps=1_500, batch_size=32)
+    s1.stage1.update(temperature_steps=1_500, kl_warmup_steps=150)
     s1.optimizer.update(warmup_steps=100)
     s1.train.update(log_every=100, eval_every=0, summary_every=0)
     s1.checkpoint.save_every = 500
@@ -56,8 +56,8 @@ def get_config(arg=None):
     s2 = load_config_file(os.path.join(_HERE, "transformer_shapes.py"))
     s2.model.update(image_vocab_size=512, image_grid=(8, 8), num_layers=4, num_heads=4,
                     head_dim=32, scan_layers=False)
-    s2.update(total_steps=1_200, batch_size=64)
-    s2.optimizer.update(warmup_steps=100, decay_steps=(800, 1_000))
+    s2.update(total_steps=1_000, batch_size=64)
+    s2.optimizer.update(warmup_steps=100, decay_steps=(650, 850))
     s2.train.update(log_every=50, eval_every=0, summary_every=0)
     s2.checkpoint.save_every = 300
     # Guidance 2 rather than the shapes config's 3: on the test prompts this small model

@@ -477,3 +477,25 @@ def test_composite_rates_need_every_criterion():
     assert rates["one_object"]["colour"] == pytest.approx(2 / 3)
     assert rates["one_object"]["colour_cell"] == pytest.approx(1 / 3)
     assert rates["two_objects"]["colours_relation"] == pytest.approx(1 / 2)
+
+
+def test_an_export_that_fails_half_way_leaves_nothing(runs, tmp_path, monkeypatch):
+    calls = []
+
+    def fail_on_second(path, tree):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(path, tree)
+
+    real = bundle_lib._save_arrays
+    monkeypatch.setattr(bundle_lib, "_save_arrays", fail_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        bundle_lib.export(runs[1], tmp_path / "bundle")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_relative_paths_work_for_export_and_load(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bundle_lib.export(runs[1], "relative_bundle")
+    assert TextToImage.load("relative_bundle").generate(PROMPTS[:1], 1).images.shape[1] == 1

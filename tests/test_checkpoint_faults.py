@@ -172,3 +172,21 @@ def test_resumed_run_has_one_curve_in_tensorboard(finished_run, tmp_path):
     config_steps = _scalar_steps(workdir / "tensorboard", "config")
     assert config_steps == [0, 4]  # the config each part of the run used
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 8
+
+
+def test_a_relative_checkpoint_directory_is_made_absolute(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+    import numpy as np
+    monkeypatch.chdir(tmp_path)
+    state = {"w": jnp.arange(4.0)}
+    checkpointer = checkpoint_lib.Checkpointer("run/checkpoints", save_interval_steps=1)
+    try:
+        assert checkpointer.directory.is_absolute()
+        checkpointer.save(1, state, {"index": 1}, force=True)
+        checkpointer.wait_until_finished()
+        restored, data, step = checkpointer.restore(
+            {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+    finally:
+        checkpointer.close()
+    assert step == 1 and data == {"index": 1}
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0))

@@ -111,7 +111,7 @@ def _to_host(tree, dtype: str | None = None):
 def _save_arrays(path: epath.Path, tree) -> None:
     checkpointer = ocp.StandardCheckpointer()
     try:
-        checkpointer.save(path, tree)
+        checkpointer.save(checkpoint_lib.absolute(path), tree)
         checkpointer.wait_until_finished()
     finally:
         checkpointer.close()
@@ -378,7 +378,7 @@ def _check_shapes(path: epath.Path, part: str, abstract, recorded: dict[str, lis
 def _restore(path: epath.Path, part: str, abstract):
     checkpointer = ocp.StandardCheckpointer()
     try:
-        return checkpointer.restore(path, abstract)
+        return checkpointer.restore(checkpoint_lib.absolute(path), abstract)
     except Exception as e:  # pylint: disable=broad-except
         raise BundleError(f"bundle {path.parent.parent}: {part}: arrays cannot be read "
                           f"({checkpoint_lib._first_line(e)})") from None  # pylint: disable=protected-access

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 import tqdm
@@ -266,10 +267,10 @@ class TextToImage:
         bar = tqdm.tqdm(starts, desc="generating", unit="batch", disable=not progress)
         for start in bar:
             chunk = rows[start:start + size]
-            index = [r for r in range(start, start + len(chunk))]
+            index = list(range(start, start + len(chunk)))
             pad = size - len(chunk)
             index_padded = index + [index[-1]] * pad
-            batch_keys = jax.numpy.stack([keys[i] for i in index_padded])
+            batch_keys = jnp.stack([keys[i] for i in index_padded])
             text = tokens[[rows[i][0] for i in index_padded]]
             kwargs = {}
             if prime_codes is not None:

@@ -175,6 +175,8 @@ def generate(model, prompts: list[str], count: int, seed: int, output: str,
 def main(argv):
     del argv
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir  # checked (dalle_jax.validate)
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)  # orbax takes absolute paths only
     os.makedirs(workdir, exist_ok=True)
     config_lib.write_config(config, workdir)
     data, text, s1, s2 = stage_configs(config, workdir)

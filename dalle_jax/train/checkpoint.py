@@ -22,6 +22,7 @@ import concurrent.futures
 import hashlib
 import json
 import logging as logging_std
+import os
 from typing import Any, Callable, Mapping
 
 from absl import logging
@@ -65,6 +66,13 @@ class CheckpointError(errors.UserError):
 
 class _Damaged(Exception):
     """A step whose files or contents are broken; ``args[0]`` says where and why."""
+
+
+def absolute(path: str | epath.PathLike) -> epath.Path:
+    """``path`` made absolute when it is local (orbax refuses relative paths); a
+    ``gs://`` path is kept as it is."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def sha256_file(path: epath.Path) -> str:
@@ -177,7 +185,7 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,
         )
-        self.directory = epath.Path(directory)
+        self.directory = absolute(directory)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._checksums = checksums
         self._last_saved: int | None = None
