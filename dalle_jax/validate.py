@@ -71,7 +71,12 @@ STAGE1_ARCHITECTURE = ("kind", "vocab_size", "n_hid", "n_blk_per_group", "group_
 # Keys whose value is prose or otherwise anything: no rule. An entry ending in "." is a
 # section: "big." is the checkpoint benchmark's copy of configs/transformer_photos.py,
 # whose sizes it reads (that file's own keys have rules).
-FREE_FORM = frozenset({"known_gap", "big."})
+# Free-form, or checked elsewhere: the stage configs nested in configs/demo.py are checked
+# by the demo against the training job's rules (dalle_jax.tools.demo), and the demo
+# config nested in configs/bench_generate.py when it is loaded.
+FREE_FORM = frozenset({"known_gap", "big.", "image_tokenizer.", "transformer.",
+                       "demo.image_tokenizer.", "demo.transformer.", "demo.data.",
+                       "demo.text.", "demo.demo.", "demo.seed"})
 
 
 def records_metadata_name(name: str, split: str) -> str:
@@ -971,6 +976,12 @@ RULES: dict[str, Rule] = {
     "text_vocab_size": rule(integer(MIN_TEXT_VOCAB)),
     "bpe_dropout": rule(FRACTION),
     "bench.repeats": rule(POSITIVE_INT),
+    "bench.batch_size": rule(POSITIVE_INT),
+    "bench.prompts": rule(POSITIVE_INT),
+    "bench.images_per_prompt": rule(POSITIVE_INT),
+    "bench.cli": rule(boolean),
+    "bundle": rule(optional(text)),
+    "demo_report": rule(text),
     "bench.uncached_repeats": rule(POSITIVE_INT),
     "bench.uncached_positions": rule(POSITIVE_INT),
     "bench.train_batch_sizes": rule(tuple_of(POSITIVE_INT, nonempty=True,
@@ -1058,6 +1069,10 @@ JOBS = {
     "convert_openai_dvae": Job(None),
     "bench": Job("scratch", workdir_required=False, config_required=False,
                  takes_commands=True),
+    # Flags only (no --config): their mistakes are refused by the jobs themselves.
+    "export": Job(None, config_required=False),
+    "generate": Job(None, config_required=False),
+    "evaluate": Job(None, config_required=False),
 }
 
 

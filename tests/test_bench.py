@@ -67,8 +67,9 @@ def test_every_record_is_complete_and_on_disk(runs):
             assert machine[key], key
         assert record["date"] and record["duration_s"] > 0
         for f in record["figures"]:
-            if f["value"] is None:
-                assert name == "dvae" and not HAVE_DALL_E, f["name"]
+            if f["value"] is None:  # not measured here, and the note says why
+                assert (name == "dvae" and not HAVE_DALL_E) or (
+                    name == "generate" and "run make demo first" in f["note"]), f["name"]
                 continue
             assert math.isfinite(f["value"]), f["name"]
             assert (f["met"] is None) == (f["target"] is None), f["name"]

@@ -33,10 +33,12 @@ IS_ROOT = os.geteuid() == 0
 # The ':arg' variants each config file documents (every file must be listed).
 VARIANTS = {
     "bench_checkpoint.py": ["", "runlocal"],
+    "bench_generate.py": ["", "runlocal"],
     "bench_dvae.py": ["", "runlocal"],
     "bench_input.py": ["", "runlocal"],
     "bench_transformer.py": ["", "runlocal"],
     "convert_images.py": [""],
+    "demo.py": ["", "runlocal"],
     "image_tokenizer_openai.py": [""],
     "image_tokenizer_photos.py": ["", "kind=vqvae", "coco", "runlocal", "kind=vqvae,runlocal"],
     "image_tokenizer_shapes.py": ["", "kind=vqvae", "objective=paper", "runlocal",
@@ -163,6 +165,13 @@ MISTAKES = [
     Mistake("demo-input-config", "demo", (INPUT, NEW), "use configs/demo.py"),
     Mistake("show-inputs-split", "show_inputs", (INPUT, NEW, "--config.inputs.split=trian"),
             "config.inputs.split"),
+    # export, generate, evaluate (flags only)
+    Mistake("export-no-run", "export", ("--workdir={d}/nowhere", "--output={d}/bundle"),
+            "nowhere"),
+    Mistake("generate-no-bundle", "generate",
+            ("--bundle={d}/nowhere", "--prompt=a red star", "--output={d}/out"), "nowhere"),
+    Mistake("evaluate-no-bundle", "evaluate", ("--bundle={d}/nowhere",
+                                               "--output={d}/eval.json"), "nowhere"),
     # train_text_tokenizer
     Mistake("text-vocab-0", "train_text_tokenizer", (INPUT, NEW, "--config.text.vocab_size=0"),
             "config.text.vocab_size"),

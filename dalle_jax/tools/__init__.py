@@ -26,6 +26,10 @@ CONFIG_FIELDS = {
     "convert_images": ("input_dir", "manifest", "output_dir"),
     "convert_openai_dvae": ("encoder_pkl", "decoder_pkl", "output_dir", "model"),
     "bench": ("runlocal", "known_gap"),
+    # Flags only, no --config.
+    "export": (),
+    "generate": (),
+    "evaluate": (),
 }
 
 # What to suggest when a config lacks those fields.

@@ -180,6 +180,13 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     config_lib.write_config(config, workdir)
     data, text, s1, s2 = stage_configs(config, workdir)
+    from dalle_jax import errors  # pylint: disable=g-import-not-at-top
+    from dalle_jax import validate  # pylint: disable=g-import-not-at-top
+    for section, stage in (("image_tokenizer", s1), ("transformer", s2)):
+        try:  # the training job's rules, before any stage starts
+            validate.check_config("train", stage)
+        except errors.UserError as e:
+            raise errors.UserError(str(e).replace("config.", f"config.{section}.", 1)) from None
     s1_dir, s2_dir = s2.stage2.image_tokenizer, os.path.join(workdir, "transformer")
     bundle_dir = os.path.join(workdir, "bundle")
     samples_dir = os.path.join(workdir, "samples")
