@@ -46,6 +46,10 @@ def get_config(arg=None):
         group_count=4,  # 3 poolings: 64 px -> 8 x 8 codes
         n_init=32,
         code_dim=32,  # vqvae
+        # vqvae: "dvae" (the dVAE's encoder and decoder) or "space_to_depth" (halvings by
+        # space-to-depth, one width per halving: dalle_jax.models.space_to_depth).
+        backbone="dvae",
+        widths=(),
         vq_decay=0.99,
         vq_restart_threshold=1.0,
         vq_normalize=False,

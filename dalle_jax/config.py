@@ -258,9 +258,15 @@ def _tuples(value: Any) -> Any:
     return value
 
 
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """A config from the JSON :func:`write_config` wrote, its lists as tuples again
+    (raises ``json.JSONDecodeError`` for text that is not JSON)."""
+    return ml_collections.ConfigDict(_tuples(json.loads(text)))
+
+
 def read_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
     """The resolved config a run wrote (:func:`write_config`), its lists as tuples again."""
     path = epath.Path(workdir) / CONFIG_FILE_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a run directory?")
-    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    return config_from_json(path.read_text())

@@ -40,6 +40,8 @@ from dalle_jax import signals
 # --- allowed values, each equal to its consumer's --------------------------------------
 
 MODEL_KINDS = ("dvae", "vqvae")  # dalle_jax.models.image_tokenizers.KINDS
+CONTRASTIVE_LOSSES = ("sigmoid", "softmax")  # dalle_jax.models.contrastive.LOSSES
+BACKBONES = ("dvae", "space_to_depth")  # dalle_jax.models.image_tokenizers.BACKBONES
 RECON_LOSSES = ("mse", "logit_laplace")  # dalle_jax.stages.image_tokenizer's loss
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "everything")  # models.remat
 SCHEDULES = ("cosine", "constant", "step")  # dalle_jax.train.optimizer
@@ -66,7 +68,7 @@ CONVERSION_PARAMS = "params"  # models.openai_dvae.PARAMS_DIR
 TEXT_TOKENIZER_FILE = "text_tokenizer.model"  # data.text_tokenizer.TEXT_TOKENIZER_FILE_NAME
 # The model fields that fix a stage-1 run's parameter shapes.
 STAGE1_ARCHITECTURE = ("kind", "vocab_size", "n_hid", "n_blk_per_group", "group_count",
-                       "n_init")
+                       "n_init", "backbone", "widths")
 
 # Keys whose value is prose or otherwise anything: no rule. An entry ending in "." is a
 # section: "big." is the checkpoint benchmark's copy of configs/transformer_photos.py,
@@ -74,8 +76,9 @@ STAGE1_ARCHITECTURE = ("kind", "vocab_size", "n_hid", "n_blk_per_group", "group_
 # Free-form, or checked elsewhere: the stage configs nested in configs/demo.py are checked
 # by the demo against the training job's rules (dalle_jax.tools.demo), and the demo
 # config nested in configs/bench_generate.py when it is loaded.
-FREE_FORM = frozenset({"known_gap", "big.", "image_tokenizer.", "transformer.",
-                       "demo.image_tokenizer.", "demo.transformer.", "demo.data.",
+FREE_FORM = frozenset({"known_gap", "big.", "image_tokenizer.", "transformer.", "reranker.",
+                       "demo.image_tokenizer.", "demo.transformer.", "demo.reranker.",
+                       "demo.data.",
                        "demo.text.", "demo.demo.", "demo.seed"})
 
 
@@ -282,6 +285,26 @@ def divisible_by_downsample(value, ctx):
     if factor and _is_int(value) and value % factor:
         return (f"must be a multiple of {factor} (2^(model.group_count − 1) with "
                 f"model.group_count={ctx.get('model.group_count')}), got {value}")
+    return None
+
+
+def backbone_widths(value, ctx):
+    """The space_to_depth backbone's widths: one per halving."""
+    if ctx.get("model.backbone") != "space_to_depth":
+        return None
+    group_count = ctx.get("model.group_count")
+    if _is_int(group_count) and len(value) != group_count - 1:
+        return (f"the space_to_depth backbone takes one width per halving, "
+                f"model.group_count - 1 = {group_count - 1} of them; got {_show(value)}")
+    return None
+
+
+def contrastive_image_size(value, ctx):
+    """The contrastive image tower halves the image once per width."""
+    size = ctx.get("data.image_size")
+    if _is_int(size) and isinstance(value, (tuple, list)) and size % 2 ** len(value):
+        return (f"{len(value)} widths halve the image {len(value)} times, but "
+                f"config.data.image_size={size} is not a multiple of {2 ** len(value)}")
     return None
 
 
@@ -603,7 +626,10 @@ def stage1_run_problem(path: str, config: Any = None) -> str | None:
         keys = list(STAGE1_ARCHITECTURE) + (["code_dim"] if run_model.get("kind") == "vqvae" else [])
         for key in keys:
             ours = lookup(model, key)
-            if key in run_model and ours is not _MISSING and ours != run_model[key]:
+            theirs = run_model.get(key)
+            if isinstance(ours, tuple) and isinstance(theirs, list):
+                theirs = tuple(theirs)  # JSON has no tuples
+            if key in run_model and ours is not _MISSING and ours != theirs:
                 return (f"{path} was trained with model.{key}={run_model[key]!r}, the config "
                         f"has {ours!r}: pass the run's config (its :arg and overrides)")
     return None
@@ -876,6 +902,11 @@ RULES: dict[str, Rule] = {
     "demo.test_prompts": rule(NON_NEGATIVE_INT),
     "demo.holdout_prompts": rule(NON_NEGATIVE_INT),
     "demo.eval_images_per_prompt": rule(POSITIVE_INT),
+    "demo.candidates": rule(POSITIVE_INT),
+    "demo.rerank_prompts": rule(NON_NEGATIVE_INT),
+    "demo.rerank_candidates": rule(tuple_of(POSITIVE_INT, nonempty=True)),
+    "demo.rerank_seeds": rule(POSITIVE_INT),
+    "demo.reranker_examples": rule(POSITIVE_INT),
     "inputs.grid_rows": rule(POSITIVE_INT),
     "inputs.grid_cols": rule(POSITIVE_INT),
     "inputs.split": rule(file_name_part),
@@ -895,6 +926,21 @@ RULES: dict[str, Rule] = {
     "model.vq_normalize": rule(boolean),
     "model.straight_through": rule(boolean),
     "model.recon_loss": rule(one_of(RECON_LOSSES)),
+    "model.backbone": rule(one_of(BACKBONES)),
+    # The contrastive model (configs/contrastive_*.py).
+    "model.image_widths": rule(tuple_of(POSITIVE_INT, nonempty=True, what="a tuple of widths"),
+                               contrastive_image_size),
+    "model.image_blocks": rule(NON_NEGATIVE_INT),
+    "model.text_layers": rule(POSITIVE_INT),
+    "model.text_heads": rule(POSITIVE_INT),
+    "model.text_head_dim": rule(POSITIVE_INT),
+    "model.embed_dim": rule(POSITIVE_INT),
+    "model.init_temperature": rule(POSITIVE_NUMBER),
+    "model.init_bias": rule(number()),
+    "contrastive.loss": rule(one_of(CONTRASTIVE_LOSSES)),
+    "contrastive.eval_split": rule(split_name),
+    "contrastive.eval_batch_size": rule(POSITIVE_INT),
+    "model.widths": rule(tuple_of(POSITIVE_INT, what="a tuple of widths"), backbone_widths),
     "stage1.temperature_start": rule(POSITIVE_NUMBER),
     "stage1.temperature_end": rule(POSITIVE_NUMBER),
     "stage1.temperature_steps": rule(POSITIVE_INT),
@@ -980,8 +1026,10 @@ RULES: dict[str, Rule] = {
     "bench.prompts": rule(POSITIVE_INT),
     "bench.images_per_prompt": rule(POSITIVE_INT),
     "bench.cli": rule(boolean),
+    "bench.candidates": rule(POSITIVE_INT),
     "bundle": rule(optional(text)),
     "demo_report": rule(text),
+    "demo_evaluation": rule(text),
     "bench.uncached_repeats": rule(POSITIVE_INT),
     "bench.uncached_positions": rule(POSITIVE_INT),
     "bench.train_batch_sizes": rule(tuple_of(POSITIVE_INT, nonempty=True,
@@ -1073,6 +1121,7 @@ JOBS = {
     "export": Job(None, config_required=False),
     "generate": Job(None, config_required=False),
     "evaluate": Job(None, config_required=False),
+    "evaluate_contrastive": Job(None, config_required=False),
 }
 
 

@@ -98,3 +98,11 @@ def prompt_rows(images: np.ndarray, prompts: Sequence[str], *, cell_size: int = 
             tile = Image.fromarray(image).resize((cell_size, cell_size), Image.NEAREST)
             sheet.paste(tile, (label_width + i * (cell_size + padding), y))
     return np.asarray(sheet)
+
+
+def examples_grid(batch, *, cols: int, pad_id: int = 0) -> np.ndarray:
+    """A grid of a batch of training examples, each captioned with its caption and its
+    number of text tokens (those that are not ``pad_id``)."""
+    lengths = (np.asarray(batch["text_tokens"]) != pad_id).sum(-1)
+    labels = [f"{c} [{n} tokens]" for c, n in zip(batch["caption"], lengths)]
+    return captioned_grid(batch["image"], labels, cols=cols)

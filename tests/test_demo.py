@@ -30,7 +30,7 @@ def test_the_demo_runs_every_stage_and_continues_after_an_interruption(tmp_path)
     lines, in_stage2 = [], False
     for line in proc.stdout:
         lines.append(line)
-        in_stage2 = in_stage2 or "== [5/8]" in line
+        in_stage2 = in_stage2 or "== [5/9]" in line
         if in_stage2 and line.startswith("step 2/"):
             proc.send_signal(signal.SIGTERM)
             break
@@ -38,9 +38,9 @@ def test_the_demo_runs_every_stage_and_continues_after_an_interruption(tmp_path)
     first = "".join(lines) + rest
     assert proc.returncode == 0, first[-3000:]
     assert "stopped by SIGTERM" in first and "Traceback" not in first
-    assert "== [6/8]" not in first, "the demo went on after the stop"
-    for header in ("[1/8] dataset", "[2/8] caption tokenizer", "[3/8] stage 1",
-                   "[4/8] encode"):
+    assert "== [6/9]" not in first, "the demo went on after the stop"
+    for header in ("[1/9] dataset", "[2/9] caption tokenizer", "[3/9] stage 1",
+                   "[4/9] encode"):
         assert header in first
 
     again = subprocess.run(_command(tmp_path), cwd=ROOT, capture_output=True, text=True,
@@ -50,22 +50,27 @@ def test_the_demo_runs_every_stage_and_continues_after_an_interruption(tmp_path)
     # The finished stages are skipped, stage 2 resumes from its checkpoint.
     assert second.count("done already") == 4, second[-3000:]
     assert "restoring checkpoint step" in second
-    assert "== [8/8] evaluate" in second and "demo done" in second
+    assert "== [9/9] evaluate" in second and "demo done" in second
     report = json.loads((workdir / "demo_report.json").read_text())
     assert set(report["stages"]) == {"dataset", "text_tokenizer", "stage1", "encode",
-                                     "stage2", "export", "generate", "evaluate"}
+                                     "stage2", "reranker", "export", "generate", "evaluate"}
     assert all(stage["seconds"] >= 0 for stage in report["stages"].values())
     manifest = json.loads((workdir / "bundle" / "manifest.json").read_text())
     assert manifest["parts"]["transformer"]["source"]["step"] == 40
+    assert manifest["parts"]["reranker"]["source"]["step"] == 4
     evaluation = json.loads((workdir / "evaluation.json").read_text())
     assert evaluation["fidelity"]["test"]["images"] == 4
+    assert evaluation["reranking"]["images_drawn"] == 2 * 3 * 2
     assert "PSNR" in second and "one object: colour + cell" in second
+    assert "reranking (2 prompts" in second
     grid = np.asarray(Image.open(workdir / "demo_grid.png"))
     assert grid.ndim == 3 and grid.shape[0] > 7 * 48
-    records = (workdir / "samples" / "samples.jsonl").read_text().splitlines()
+    records = [json.loads(r) for r in
+               (workdir / "samples" / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 7 * 2
+    assert all(r["candidates"] == 3 and r["score"] is not None for r in records)
     assert (workdir / "examples.png").exists()
 
     third = subprocess.run(_command(tmp_path), cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
-    assert third.returncode == 0 and third.stdout.count("done already") == 8
+    assert third.returncode == 0 and third.stdout.count("done already") == 9

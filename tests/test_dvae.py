@@ -134,7 +134,7 @@ def test_max_pool_matches_flax_and_routes_the_gradient_to_the_maximum():
 
 
 def test_pointwise_convs_compute_what_a_1x1_conv_computes():
-    layer = dvae._conv(5, 1, jnp.float32, jnp.float32, "c")
+    layer = dvae.conv(5, 1, jnp.float32, jnp.float32, "c")
     x = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
     params = nn.unbox(layer.init(jax.random.key(2), x)["params"])
     params["bias"] = jnp.arange(5.0)

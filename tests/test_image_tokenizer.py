@@ -7,8 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dalle_jax import errors
 from dalle_jax.config import load_config_file
 from dalle_jax.models import dvae
+from dalle_jax.models import image_tokenizers
+from dalle_jax.models import space_to_depth
 from dalle_jax.models import vq as vq_lib
 from dalle_jax.stages import image_tokenizer as stage1
 from dalle_jax.train import sharding as sharding_lib
@@ -106,9 +109,13 @@ def test_the_vq_task_updates_its_codebook_in_training_only():
 
 
 def _tiny_config(kind, objective="mse"):
+    backbone = "space_to_depth" if kind == "vqvae_s2d" else "dvae"
+    kind = "vqvae" if kind == "vqvae_s2d" else kind
     config = load_config_file(
         f"configs/image_tokenizer_shapes.py:kind={kind},objective={objective},runlocal")
     config.model.update(n_hid=8, n_init=8, vocab_size=32, code_dim=8, group_count=3)
+    if backbone == "space_to_depth":
+        config.model.update(backbone=backbone, widths=(8, 16))
     config.data.image_size = 16
     config.batch_size = 8
     return config
@@ -116,7 +123,7 @@ def _tiny_config(kind, objective="mse"):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,objective", [("dvae", "mse"), ("dvae", "paper"),
-                                            ("vqvae", "mse")])
+                                            ("vqvae", "mse"), ("vqvae_s2d", "mse")])
 def test_task_trains_on_a_mesh_and_reports_its_metrics(kind, objective):
     config = _tiny_config(kind, objective)
     assert config.model.recon_loss == ("logit_laplace" if objective == "paper" else "mse")
@@ -126,7 +133,7 @@ def test_task_trains_on_a_mesh_and_reports_its_metrics(kind, objective):
     assert task.flops_per_example > 0
     training = trainer.build(config, task, mesh, sharding_lib.logical_rules(config.sharding))
     state = training.init(jax.random.key(0))
-    assert set(state.model_state) == ({"vq"} if kind == "vqvae" else set())
+    assert set(state.model_state) == ({"vq"} if kind.startswith("vqvae") else set())
     rng = jax.random.key_data(jax.random.key(1))
     images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     images[:, 4:12, 4:12] = (220, 40, 40)  # structure worth reconstructing
@@ -269,3 +276,43 @@ def test_image_size_must_fit_the_downsampling():
     config.data.image_size = 18
     with pytest.raises(ValueError, match="not divisible by the downsample factor 4"):
         stage1.ImageTokenizerTask(config, None, None)
+
+
+def test_space_to_depth_moves_each_block_of_positions_into_channels_and_back():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    y = space_to_depth.space_to_depth(x)
+    assert y.shape == (2, 2, 3, 12)
+    # Position (i, j) holds the 2x2 block at (2i, 2j), row-major, channels innermost.
+    np.testing.assert_array_equal(
+        y[1, 1, 2], np.concatenate([x[1, 2, 4], x[1, 2, 5], x[1, 3, 4], x[1, 3, 5]]))
+    np.testing.assert_array_equal(space_to_depth.depth_to_space(y), x)
+
+
+def test_the_space_to_depth_backbone_keeps_positions_local_and_fits_the_grid():
+    config = _tiny_config("vqvae_s2d")
+    model = image_tokenizers.from_config(config.model)
+    task = stage1.ImageTokenizerTask(config, None, None)
+    variables = task.init(jax.random.key(0))
+    x = jnp.asarray(np.random.default_rng(0).random((2, 16, 16, 3)), jnp.float32)
+    codes = model.apply(variables, x, method="encode")
+    assert codes.shape == (2, 4, 4) and codes.dtype == jnp.int32
+    stats = model.apply(variables, codes, method="decode")
+    assert stats.shape == (2, 16, 16, 6)
+    # Convolutions see a bounded window (a code's features reach 16 px at 32 px: two
+    # 3x3 blocks per level), not the far corner of the image.
+    features = lambda image: model.apply(variables, image, method=lambda m, v: m.encoder(v))
+    x = jnp.asarray(np.random.default_rng(1).random((2, 32, 32, 3)), jnp.float32)
+    changed = x.at[:, 24:, 24:].set(0.0)
+    diff = np.abs(np.asarray(features(changed) - features(x))).sum(-1)
+    assert diff.shape == (2, 8, 8)
+    assert diff[:, 0, 0].max() == 0 and diff[:, 7, 7].min() > 0
+
+
+def test_the_space_to_depth_backbone_needs_one_width_per_halving():
+    config = _tiny_config("vqvae_s2d")
+    config.model.widths = (8, 16, 32)
+    with pytest.raises(errors.ConfigError, match="model.widths.*group_count - 1 = 2"):
+        image_tokenizers.from_config(config.model)
+    config.model.update(widths=(8, 16), backbone="unet")
+    with pytest.raises(errors.ConfigError, match="model.backbone"):
+        image_tokenizers.from_config(config.model)

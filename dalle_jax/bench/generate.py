@@ -11,12 +11,18 @@ does not depend on the weights), on this host's devices:
   batches, decoded and written as PNGs, images/s (warm);
 - the generate command as a fresh process: wall time from start to exit (imports,
   loading, compilation, sampling, PNGs, grids, records) and the images/s it reports;
-- the demo's stages, read from the report ``make demo`` writes (``demo_report.json``).
+- reranking: the reranker scoring one batch of decoded images against the sampler
+  drawing it (the cost of every candidate), and a reranked request of N candidates per
+  kept image as the generate command runs it;
+- the demo's stages, read from the report ``make demo`` writes (``demo_report.json``),
+  and the gain from reranking its evaluation measured (``evaluation.json``): the
+  fidelity of the reranker's top-1 of 8 and of 32 candidates against a random one.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -34,9 +40,11 @@ from dalle_jax.data import shapes
 from dalle_jax.data import text_tokenizer as text_tokenizer_lib
 from dalle_jax.inference import bundle as bundle_lib
 from dalle_jax.inference import outputs
+from dalle_jax.models import contrastive as contrastive_lib
 from dalle_jax.models import image_tokenizers
 from dalle_jax.models import transformer as transformer_lib
 from dalle_jax.sampling import sampler as sampler_lib
+from dalle_jax.stages import contrastive as stage_c
 from dalle_jax.stages import image_tokenizer as stage1
 from dalle_jax.stages import transformer as stage2
 
@@ -62,6 +70,9 @@ def random_bundle(config: ml_collections.ConfigDict, path: str, workdir: str) ->
     text_tokenizer_lib.train_text_tokenizer(captions, text_file,
                                             vocab_size=s2.text.vocab_size,
                                             model_type=s2.text.model_type)
+    sr = ml_collections.ConfigDict(demo.reranker.to_dict())
+    sr.data.image_size = demo.data.image_size
+    sr.text = ml_collections.ConfigDict(demo.text.to_dict())
     model = transformer_lib.Transformer(stage2.model_config(s2))
     unbox = nn.meta.unbox
     params = unbox(jax.jit(lambda k: stage2.init_variables(model, k))(
@@ -69,12 +80,17 @@ def random_bundle(config: ml_collections.ConfigDict, path: str, workdir: str) ->
     tokenizer = image_tokenizers.from_config(s1.model)
     variables = unbox(jax.jit(lambda k: stage1.init_variables(
         tokenizer, s1.data.image_size, k))(jax.random.key(1)))
+    reranker = contrastive_lib.ContrastiveModel(stage_c.model_config(sr))
+    reranker_params = unbox(jax.jit(lambda k: stage_c.init_variables(reranker, k))(
+        jax.random.key(2)))["params"]
     bundle_lib.write(path, transformer_config=s2, transformer_params=params,
                      image_tokenizer_config=bundle_lib.image_tokenizer_config(s1),
                      image_tokenizer_variables=variables, text_tokenizer_file=text_file,
+                     reranker=bundle_lib.RerankerPart(sr, reranker_params, text_file),
                      sources={"transformer": {"run": "random", "step": 0, "ema": False},
                               "image_tokenizer": {"run": "random", "step": 0,
-                                                  "kind": s1.model.kind}})
+                                                  "kind": s1.model.kind},
+                              "reranker": {"run": "random", "step": 0}})
     return path
 
 
@@ -99,6 +115,40 @@ def _demo_figures(path: str) -> tuple[list[dict], dict]:
     figures.append(record.figure("demo: whole job (make demo)", report.get("total_seconds"),
                                  "s", at_most=1_200, note="sum of the stages' last runs"))
     return figures, report
+
+
+# The reranking gains worth a line of the page: (kind/composite, label).
+GAIN_ROWS = (("one_object/colour_cell", "one object: colour + cell"),
+             ("one_object/shape", "one object: shape"),
+             ("two_objects/colours_relation", "two objects: colours + relation"))
+
+
+def _gain_figures(path: str) -> tuple[list[dict], dict]:
+    """The demo evaluation's reranking gain: top-1 of n against a random candidate."""
+    missing = [record.figure("reranking gain (demo): one object colour + cell, top-1 of 8 "
+                             "vs random", None, "points",
+                             note=f"no reranking in {path}: run make demo first")]
+    if not os.path.exists(path):
+        return missing, {}
+    with open(path) as f:
+        gain = json.load(f).get("reranking")
+    if not gain:
+        return missing, {}
+    figures = []
+    seeds = len(gain["seeds"])
+    for key, label in GAIN_ROWS:
+        for n in gain["candidates"]:
+            top = gain["figures"].get(f"{key}/top1_of_{n}")
+            rand = gain["figures"].get(f"{key}/random_of_{n}")
+            if not top or not rand:
+                continue
+            spread = max(top["std"], rand["std"])
+            figures.append(record.figure(
+                f"reranking gain (demo): {label}, top-1 of {n} vs random",
+                100 * (top["mean"] - rand["mean"]), "points",
+                note=f"{100 * rand['mean']:.1f}% -> {100 * top['mean']:.1f}%; spread over "
+                     f"{seeds} seeds ±{100 * spread:.1f} points; {gain['prompts']} prompts"))
+    return figures, gain
 
 
 def measure(config: ml_collections.ConfigDict, *, workdir: str,
@@ -141,6 +191,19 @@ def measure(config: ml_collections.ConfigDict, *, workdir: str,
     generate()
     generate_s, _ = _median_time(generate, b.repeats)
 
+    score_s = rerank_s = None
+    if model.reranker is not None:
+        log(f"reranker scoring a batch of {batch}")
+        images = model.decode(codes)
+        captions = [prompts[i % len(prompts)] for i in range(batch)]
+        model.reranker.scores(images, captions)  # compile
+        score_s, _ = _median_time(lambda: model.reranker.scores(images, captions), b.repeats)
+        log(f"a reranked request: {b.prompts} prompts, the best 1 of {b.candidates}")
+        rerank = lambda: model.generate(prompts, 1, seed=0, batch_size=batch,
+                                        candidates=b.candidates).images
+        rerank()
+        rerank_s, _ = _median_time(rerank, b.repeats)
+
     cli_wall = cli_rate = None
     if b.cli:
         log("the generate command as a fresh process")
@@ -152,11 +215,11 @@ def measure(config: ml_collections.ConfigDict, *, workdir: str,
         cli_wall = time.perf_counter() - start
         if result.returncode != 0:
             raise RuntimeError(f"generate command failed: {result.stderr[-500:]}")
-        for line in result.stdout.splitlines():
-            if "images/s)" in line:
-                cli_rate = float(line.split("(")[-1].split(" images/s")[0])
+        found = re.search(r"\(([0-9.]+) images drawn/s", result.stdout)
+        cli_rate = float(found.group(1)) if found else None
 
     demo_figures, demo_report = _demo_figures(config.demo_report)
+    gain_figures, gain = _gain_figures(config.demo_evaluation)
     sampler_rate = batch / sample_s
     generate_rate = total / generate_s
     figures = [
@@ -175,12 +238,23 @@ def measure(config: ml_collections.ConfigDict, *, workdir: str,
         record.figure(f"generate command: wall time, start to exit ({total} images)",
                       cli_wall, "s", note="imports, loading, compiling, sampling, PNGs, "
                                           "grids and records"),
+        record.figure(f"reranker scoring, batch {batch}",
+                      batch / score_s if score_s else None, "images/s",
+                      note=(f"{score_s * 1e3:.0f} ms per batch: {score_s / sample_s:.3f}x "
+                            "the time the sampler takes to draw it") if score_s
+                      else "the bundle has no reranker"),
+        record.figure(f"reranked generate: best 1 of {b.candidates}, {b.prompts} prompts",
+                      b.prompts * b.candidates / rerank_s if rerank_s else None,
+                      "candidates/s",
+                      note=f"{rerank_s:.2f} s" if rerank_s else "the bundle has no reranker"),
         *demo_figures,
+        *gain_figures,
     ]
     return {
         "figures": figures,
         "details": {"bundle": path, "batch": batch, "images": total,
                     "sample_s": sample_all, "decode_s": decode_s, "generate_s": generate_s,
-                    "cli_wall_s": cli_wall, "demo_report": demo_report},
+                    "cli_wall_s": cli_wall, "score_s": score_s, "rerank_s": rerank_s,
+                    "demo_report": demo_report, "reranking_gain": gain},
         "machine": {},
     }

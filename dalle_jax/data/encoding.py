@@ -8,7 +8,7 @@ renamed when complete.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 from etils import epath
 import numpy as np
@@ -70,3 +70,28 @@ def encode_split(tokenizer, config, split: str, output_dir: str, *, batch_size: 
                                      _code_records(tokenizer, batches, batch_size),
                                      writer_token=str(process_index))
     return entries
+
+
+def encode_splits(tokenizer, config, tokenizer_run: str, *, process_index: int = 0,
+                  process_count: int = 1, sync: Callable[[str], None] | None = None,
+                  report: Callable[[str], None] = print) -> int:
+    """Encodes every split of ``config.encode`` into ``config.encode.output_dir`` and
+    writes each split's metadata (on process 0, after ``sync(split)`` has waited for the
+    other processes). Returns the number of examples encoded over all splits."""
+    output_dir = config.encode.output_dir
+    total = 0
+    for split in config.encode.splits:
+        entries = encode_split(tokenizer, config, split, output_dir,
+                               batch_size=config.encode.batch_size,
+                               process_index=process_index, process_count=process_count)
+        if sync is not None:
+            sync(f"encoded {split}")
+        if process_index == 0:
+            metadata = code_records.write_metadata(
+                output_dir, config.data.name, split, shards=entries,
+                code_shape=[tokenizer.grid_size, tokenizer.grid_size],
+                vocab_size=tokenizer.vocab_size, tokenizer_run=str(tokenizer_run),
+                tokenizer_step=tokenizer.step)
+            report(f"{split}: {metadata['num_examples']} examples in {len(entries)} shards")
+            total += metadata["num_examples"]
+    return total

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
-from dalle_jax.data import pipeline as pipeline_lib
+from dalle_jax.evaluation import batches as batches_lib
 from dalle_jax.evaluation import shapes_checker
 from dalle_jax.stages import transformer as stage2
 from dalle_jax.train import sharding as sharding_lib
@@ -55,29 +54,6 @@ def image_data_config(model, data_dir: str | None = None) -> ml_collections.Conf
     return data
 
 
-def _batches(data: ml_collections.ConfigDict, split: str, batch_size: int,
-             max_examples: int | None, text_tokenizer=None) -> Iterator[dict[str, Any]]:
-    config = ml_collections.ConfigDict(dict(data=data, batch_size=batch_size, seed=0))
-    seen = 0
-    with pipeline_lib.make_pipeline(config, split, train=False, with_captions=True,
-                                    text_tokenizer=text_tokenizer, process_index=0,
-                                    process_count=1) as pipeline:
-        for batch in pipeline:
-            real = np.asarray(batch["mask"]).astype(bool)
-            if max_examples is not None:
-                keep = np.cumsum(real) + seen <= max_examples
-                real &= keep
-            count = int(real.sum())
-            if count == 0:
-                break
-            batch = dict(batch)
-            batch["mask"] = real
-            yield batch
-            seen += count
-            if max_examples is not None and seen >= max_examples:
-                break
-
-
 def image_tokenizer_metrics(model, data, split: str, *, batch_size: int = 128,
                             max_examples: int | None = None) -> dict[str, Any]:
     """PSNR of reconstructions through the codes (argmax / nearest, no noise), the
@@ -85,7 +61,7 @@ def image_tokenizer_metrics(model, data, split: str, *, batch_size: int = 128,
     vocab = model.image_tokenizer.vocab_size
     counts = np.zeros((vocab,), np.int64)
     psnrs = []
-    for batch in _batches(data, split, batch_size, max_examples):
+    for batch in batches_lib.split_batches(data, split, batch_size, max_examples):
         real = batch["mask"]
         images = np.asarray(batch["image"])
         codes = model.encode(images)
@@ -112,22 +88,20 @@ def transformer_metrics(model, data, split: str, *, batch_size: int = 128,
 
     @jax.jit
     def sums(params, text, codes, mask):
+        """Each cross-entropy summed over its tokens, and their counts: the training
+        loss's means (stage2.sequence_loss) times its token counts."""
         text_logits, image_logits = transformer.apply({"params": params}, text, codes)
-        targets = text[:, 1:]
-        text_w = (targets != stage2.text_tokenizer.PAD_ID) * mask[:, None]
-        import optax  # pylint: disable=g-import-not-at-top
-        text_ce = optax.softmax_cross_entropy_with_integer_labels(
-            text_logits.astype(jnp.float32), targets)
-        image_ce = optax.softmax_cross_entropy_with_integer_labels(
-            image_logits.astype(jnp.float32), codes)
-        image_w = jnp.broadcast_to(mask[:, None], codes.shape)
-        return (jnp.sum(text_ce * text_w), jnp.sum(text_w), jnp.sum(image_ce * image_w),
-                jnp.sum(image_w))
+        _, parts = stage2.sequence_loss(text_logits, image_logits, text, codes, mask,
+                                        text_weight=weights[0], image_weight=weights[1])
+        image_tokens = jnp.sum(mask) * codes.shape[1]
+        return (parts["text_loss"] * parts["text_tokens"], parts["text_tokens"],
+                parts["image_loss"] * image_tokens, image_tokens)
 
     totals = np.zeros(4)
     examples = 0
     shards = sharding_lib.batch_shard_count(mesh)
-    for batch in _batches(data, split, batch_size, max_examples, model.text_tokenizer):
+    for batch in batches_lib.split_batches(data, split, batch_size, max_examples,
+                                           model.text_tokenizer):
         real = batch["mask"]
         codes = model.encode(np.asarray(batch["image"])).reshape(len(real), -1)
         text = np.asarray(batch["text_tokens"], np.int32)
@@ -155,7 +129,7 @@ def _rules(rules):
 def split_prompts(data, split: str, count: int) -> list[str]:
     """The first ``count`` distinct captions of a split, in the dataset's order."""
     prompts, seen = [], set()
-    for batch in _batches(data, split, 256, None):
+    for batch in batches_lib.split_batches(data, split, 256, None):
         for caption, real in zip(batch["caption"], batch["mask"]):
             caption = caption.decode() if isinstance(caption, bytes) else str(caption)
             if real and caption not in seen:
@@ -182,36 +156,61 @@ def composite_rates(results: list[dict[str, Any]]) -> dict[str, dict[str, float 
     return out
 
 
-def fidelity(model, prompts: list[str], *, images_per_prompt: int, seed: int,
-             batch_size: int | None = None, progress: bool = False,
-             **settings: Any) -> dict[str, Any]:
-    """Generates ``images_per_prompt`` images per prompt and judges each against its
-    prompt from its pixels; returns the composite rates, the raw criterion rates and
-    the per-image checks."""
-    result = model.generate(prompts, images_per_prompt, seed=seed, batch_size=batch_size,
-                            progress=progress, **settings)
-    images = result.images.reshape((-1,) + result.images.shape[2:])
-    captions = [r["prompt"] for r in result.records]
+def _checks(images: np.ndarray, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     checks = []
-    for image, record in zip(images, result.records):
+    for image, record in zip(images, records):
         parsed = shapes_checker.parse_caption(record["prompt"])
         check = shapes_checker.check_reading(shapes_checker.read_image(image), parsed)
         checks.append({"prompt": record["prompt"], "index": record["index"],
                        "kind": "one_object" if len(parsed.objects) == 1 else "two_objects",
                        "check": check})
-    return {"prompts": len(prompts), "images": len(checks),
-            "rates": composite_rates(checks),
-            "criteria": shapes_checker.score(images, captions),
-            "checks": checks, "generation": result}
+    return checks
+
+
+def fidelity(model, prompts: list[str], *, images_per_prompt: int, seed: int,
+             candidates: int | None = None, batch_size: int | None = None,
+             progress: bool = False, **settings: Any) -> dict[str, Any]:
+    """Generates ``images_per_prompt`` images per prompt and judges each against its
+    prompt from its pixels; returns the composite rates, the raw criterion rates and
+    the per-image checks.
+
+    With ``candidates`` = N (a bundle with a reranker), each prompt's images are the
+    reranker's best of N; every candidate is judged too, so ``random_rates`` are the
+    rates of a candidate picked at random (the mean over all N) on the same prompts and
+    seed: fidelity without reranking, beside ``rates``, with it."""
+    result = model.generate(prompts, images_per_prompt, seed=seed, batch_size=batch_size,
+                            progress=progress, candidates=candidates,
+                            keep_all=candidates is not None, **settings)
+    images = result.images.reshape((-1,) + result.images.shape[2:])
+    captions = [r["prompt"] for r in result.records]
+    checks = _checks(images, result.records)
+    report = {"prompts": len(prompts), "images": len(checks),
+              "rates": composite_rates(checks),
+              "criteria": shapes_checker.score(images, captions),
+              "checks": checks, "generation": result}
+    if result.candidates is not None:
+        drawn = result.candidates
+        report["candidates"] = drawn.images.shape[1]
+        report["random_rates"] = composite_rates(_checks(
+            drawn.images.reshape((-1,) + drawn.images.shape[2:]), drawn.records))
+    return report
 
 
 def evaluate(model, *, data_dir: str | None = None, stage_split: str = "validation",
              max_examples: int | None = None, test_prompts: int = 128,
              holdout_prompts: int = 64, images_per_prompt: int = 2, seed: int = 0,
              batch_size: int | None = None, progress: bool = True,
+             candidates: int | None = None,
+             rerank_prompts: int = 64, rerank_candidates: tuple[int, ...] = (8, 32),
+             rerank_seeds: tuple[int, ...] = (0, 1, 2), reranker_examples: int = 1000,
              log: Callable[[str], None] = lambda _: None, **settings: Any) -> dict[str, Any]:
     """Every measure of the bundle ``model`` (a :class:`TextToImage`); the fidelity
-    parts only for captioned shapes."""
+    parts only for captioned shapes, each image the reranker's best of ``candidates``
+    when given (with the rates of a random candidate beside). With a reranker in the
+    bundle: its retrieval and
+    zero-shot figures on ``stage_split`` (``reranker_examples`` pairs) and, for
+    ``rerank_prompts`` test prompts, the fidelity of its top-1 of n candidates against a
+    random one (:func:`dalle_jax.evaluation.contrastive.reranking_gain`)."""
     data = image_data_config(model, data_dir)
     report: dict[str, Any] = {"bundle": str(model.bundle.path),
                               "transformer_step": model.transformer.step,
@@ -233,12 +232,32 @@ def evaluate(model, *, data_dir: str | None = None, stage_split: str = "validati
             start = time.perf_counter()
             prompts = split_prompts(data, split, count)
             log(f"generating {images_per_prompt} images for each of {len(prompts)} {split} "
-                "prompts")
+                "prompts" + (f", the reranker's best of {candidates}" if candidates else ""))
             judged = fidelity(model, prompts, images_per_prompt=images_per_prompt, seed=seed,
-                              batch_size=batch_size, progress=progress, **settings)
+                              candidates=candidates, batch_size=batch_size,
+                              progress=progress, **settings)
             judged.pop("generation")
             report["fidelity"][split] = judged
             report["seconds"][f"fidelity_{split}"] = round(time.perf_counter() - start, 1)
+    if model.reranker is not None:
+        from dalle_jax.evaluation import contrastive  # pylint: disable=g-import-not-at-top
+        start = time.perf_counter()
+        log(f"reranker on {stage_split}")
+        images, captions = contrastive.split_pairs(data, stage_split, reranker_examples)
+        report["reranker"] = {"split": stage_split,
+                              "retrieval": contrastive.retrieval(model.reranker, images,
+                                                                 captions)}
+        if data.name == SHAPES:
+            report["reranker"]["zero_shot"] = contrastive.zero_shot(model.reranker, images,
+                                                                    captions)
+        report["seconds"]["reranker"] = round(time.perf_counter() - start, 1)
+        if data.name == SHAPES and rerank_prompts > 0 and rerank_seeds:
+            start = time.perf_counter()
+            prompts = split_prompts(data, "test", rerank_prompts)
+            report["reranking"] = contrastive.reranking_gain(
+                model, prompts, candidates=rerank_candidates, seeds=rerank_seeds,
+                batch_size=batch_size, progress=progress, log=log, **settings)
+            report["seconds"]["reranking"] = round(time.perf_counter() - start, 1)
     return report
 
 
@@ -257,9 +276,20 @@ def table(report: dict[str, Any]) -> str:
         f"bits/token, text {s2['text_loss']:.4f}",
     ]
     fid = report.get("fidelity", {})
-    if fid:
+    columns = []  # reranked splits: a random candidate's rates beside the best's
+    for split, judged in fid.items():
+        if "random_rates" in judged:
+            columns.append((f"{split} any", judged["random_rates"]))
+            columns.append((f"{split} best", judged["rates"]))
+        else:
+            columns.append((split, judged["rates"]))
+    if columns:
+        reranked = [j for j in fid.values() if "random_rates" in j]
+        if reranked:
+            lines.append(f"fidelity judged from pixels; 'best': the reranker's best of "
+                         f"{reranked[0]['candidates']}, 'any': a random candidate")
         lines.append("fidelity (judged from pixels)     " + "  ".join(
-            f"{split:>8}" for split in fid))
+            f"{name:>8}" for name, _ in columns))
         rows = [("one object: colour", "one_object", "colour"),
                 ("one object: colour + cell", "one_object", "colour_cell"),
                 ("one object: shape", "one_object", "shape"),
@@ -270,8 +300,25 @@ def table(report: dict[str, Any]) -> str:
                 ("two objects: everything", "two_objects", "all")]
         for label, kind, name in rows:
             lines.append(f"  {label:<32}" + "  ".join(
-                f"{_pct(fid[s]['rates'][kind][name]):>8}" for s in fid))
+                f"{_pct(rates[kind][name]):>8}" for _, rates in columns))
         lines.append(f"  {'images (one / two objects)':<32}" + "  ".join(
-            f"{fid[s]['rates']['one_object']['images']:>3} /{fid[s]['rates']['two_objects']['images']:>3}"
-            for s in fid))
+            f"{rates['one_object']['images']:>3} /{rates['two_objects']['images']:>3}"
+            for _, rates in columns))
+    reranker = report.get("reranker")
+    if reranker:
+        r = reranker["retrieval"]
+        line = (f"reranker ({reranker['split']}, {r['pairs']} pairs): image->text R@1/5/10 "
+                f"{_pct(r['image_to_text_r@1']).strip()} / {_pct(r['image_to_text_r@5']).strip()}"
+                f" / {_pct(r['image_to_text_r@10']).strip()}, text->image "
+                f"{_pct(r['text_to_image_r@1']).strip()} / {_pct(r['text_to_image_r@5']).strip()}"
+                f" / {_pct(r['text_to_image_r@10']).strip()}")
+        lines.append(line)
+        z = reranker.get("zero_shot")
+        if z and z.get("images"):
+            lines.append(f"  zero-shot on {z['images']} lone objects: colour "
+                         f"{_pct(z['colour']).strip()}, shape {_pct(z['shape']).strip()}, "
+                         f"cell {_pct(z['cell']).strip()}")
+    if report.get("reranking"):
+        from dalle_jax.evaluation import contrastive  # pylint: disable=g-import-not-at-top
+        lines.append(contrastive.gain_table(report["reranking"]))
     return "\n".join(lines)

@@ -12,6 +12,8 @@ one), so it is a fraction of a training checkpoint's size:
     image_tokenizer/config.json      the stage-1 config (encoder and decoder)
     image_tokenizer/variables/       its parameters, and a VQ-VAE's codebook
     text_tokenizer.model             the caption sentencepiece model
+    reranker/                        optional: the contrastive model's config.json,
+                                     params/ and its own text_tokenizer.model
 
 :func:`export` writes it under a temporary name and renames it when complete;
 :func:`load` verifies every file against the manifest, checks the parameter shapes
@@ -55,6 +57,7 @@ PARTS = {
     "transformer": ("transformer/config.json", "transformer/params"),
     "image_tokenizer": ("image_tokenizer/config.json", "image_tokenizer/variables"),
 }
+RERANKER = ("reranker/config.json", "reranker/params", "reranker/text_tokenizer.model")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -133,6 +136,12 @@ class ExportReport:
     transformer_step: int
     ema: bool
 
+    @property
+    def generation_bytes(self) -> int:
+        """The bundle without its optional reranker: what the training checkpoint of
+        the transformer compares with."""
+        return self.bundle_bytes - self.part_bytes.get("reranker", 0)
+
 
 def image_tokenizer_config(config: ml_collections.ConfigDict) -> dict:
     """The parts of a stage-1 config a bundle needs to rebuild the model."""
@@ -142,7 +151,8 @@ def image_tokenizer_config(config: ml_collections.ConfigDict) -> dict:
 
 
 def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
-           image_tokenizer: str | os.PathLike | None = None, dtype: str = "float32",
+           image_tokenizer: str | os.PathLike | None = None,
+           reranker: str | os.PathLike | None = None, dtype: str = "float32",
            step: int | None = None, overwrite: bool = False,
            log: Callable[[str], None] = lambda _: None) -> ExportReport:
     """Writes the bundle of the stage-2 run ``workdir`` (its checkpoint at ``step``,
@@ -150,7 +160,9 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
 
     ``image_tokenizer`` is the stage-1 run (or conversion of OpenAI's dVAE) whose codes
     the transformer was trained on; by default the run's ``config.stage2.image_tokenizer``.
-    ``dtype`` casts the transformer's floating-point parameters.
+    ``reranker`` is a run of the contrastive model (dalle_jax.stages.contrastive) at
+    the same image size, carried as the optional reranker part. ``dtype`` casts the
+    transformer's floating-point parameters.
     """
     # Imported here: the loaders of trained runs import this package's models.
     from dalle_jax.inference import image_tokenizer as image_tokenizer_run
@@ -195,6 +207,9 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
             f"image tokenizer {stage1_dir} makes {tokenizer.grid_size}x{tokenizer.grid_size} "
             f"codes of {tokenizer.vocab_size}, but the transformer takes "
             f"{cfg.image_height}x{cfg.image_width} codes of {cfg.image_vocab_size}")
+    reranker_part, reranker_source = None, None
+    if reranker:
+        reranker_part, reranker_source = _reranker_part(reranker, tokenizer.image_size, log)
     ema = run_config.train.ema_decay > 0
     checkpoint_dir = workdir / runs.CHECKPOINTS / str(transformer.step)
     checkpoint_bytes = directory_bytes(checkpoint_dir) if checkpoint_dir.exists() else 0
@@ -202,8 +217,9 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
         output, transformer_config=run_config, transformer_params=transformer.params,
         image_tokenizer_config=image_tokenizer_config(tokenizer.config),
         image_tokenizer_variables=tokenizer.variables, text_tokenizer_file=text_path,
-        dtype=dtype, log=log,
-        sources={"transformer": {"run": str(workdir.resolve()), "step": transformer.step,
+        dtype=dtype, log=log, reranker=reranker_part,
+        sources={"reranker": reranker_source,
+                 "transformer": {"run": str(workdir.resolve()), "step": transformer.step,
                                  "ema": ema},
                  "image_tokenizer": {"run": str(epath.Path(stage1_dir).resolve()),
                                      "step": tokenizer.step,
@@ -214,14 +230,47 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
     part_bytes = {part: sum(f["size"] for name, f in files.items()
                             if name.startswith(part + "/")) for part in PARTS}
     part_bytes["text_tokenizer"] = files[TEXT_TOKENIZER_FILE]["size"]
+    if reranker_part is not None:
+        part_bytes["reranker"] = sum(f["size"] for name, f in files.items()
+                                     if name.startswith("reranker/"))
     return ExportReport(output, manifest["bundle_bytes"], checkpoint_bytes, part_bytes,
                         transformer.step, ema)
+
+
+@dataclasses.dataclass
+class RerankerPart:
+    """The optional reranker: a contrastive run's config, parameters and tokenizer."""
+    config: ml_collections.ConfigDict
+    params: Any
+    text_tokenizer: Any  # a file path when writing, a TextTokenizer when loaded
+
+
+def _reranker_part(run: str | os.PathLike, image_size: int,
+                   log: Callable[[str], None]) -> tuple[RerankerPart, dict[str, Any]]:
+    from dalle_jax.inference import reranker as reranker_lib  # pylint: disable=g-import-not-at-top
+    log(f"loading the reranker of {run}")
+    try:
+        config = config_lib.read_config(run)
+    except FileNotFoundError as e:
+        raise BundleError(f"reranker: {e}") from None
+    size = config.get("data", {}).get("image_size")
+    if config.get("task") == "dalle_jax.stages.contrastive" and size != image_size:
+        raise BundleError(f"reranker {run} scores {size}px images, but the bundle makes "
+                          f"{image_size}px ones")
+    try:
+        loaded = reranker_lib.Reranker.load_run(str(run), config)
+    except runs.RunError as e:
+        raise BundleError(f"reranker: {e}") from None
+    path = text_tokenizer_lib.text_tokenizer_path(loaded.config.text, run)
+    return (RerankerPart(loaded.config, loaded.params, path),
+            {"run": str(epath.Path(run).resolve()), "step": loaded.step})
 
 
 def write(output: str | os.PathLike, *, transformer_config: ml_collections.ConfigDict,
           transformer_params, image_tokenizer_config: dict, image_tokenizer_variables,
           text_tokenizer_file: str | os.PathLike, sources: dict[str, Any],
           dtype: str = "float32", extra: dict[str, Any] | None = None,
+          reranker: RerankerPart | None = None,
           log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Writes a bundle from its parts (an existing ``output`` is replaced): under a
     temporary name, renamed when complete. Returns the manifest."""
@@ -244,6 +293,15 @@ def write(output: str | os.PathLike, *, transformer_config: ml_collections.Confi
         _save_arrays(temp / PARTS["transformer"][1], transformer_params)
         log("writing the image tokenizer's variables")
         _save_arrays(temp / PARTS["image_tokenizer"][1], tokenizer_variables)
+        reranker_params = None
+        if reranker is not None:
+            reranker_params = _to_host(reranker.params)
+            (temp / "reranker").mkdir()
+            (temp / RERANKER[0]).write_text(json.dumps(
+                _plain_config(reranker.config), indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(reranker.text_tokenizer, temp / RERANKER[2])
+            log("writing the reranker's parameters")
+            _save_arrays(temp / RERANKER[1], reranker_params)
         files = _file_table(temp)
         manifest = {
             "format": FORMAT,
@@ -262,6 +320,11 @@ def write(output: str | os.PathLike, *, transformer_config: ml_collections.Confi
                     "source": sources.get("image_tokenizer", {})},
                 "text_tokenizer": {"file": TEXT_TOKENIZER_FILE,
                                    "source": sources.get("text_tokenizer")},
+                **({"reranker": {
+                    "config": RERANKER[0], "arrays": RERANKER[1],
+                    "text_tokenizer": RERANKER[2], "shapes": tree_shapes(reranker_params),
+                    "source": sources.get("reranker") or {}}} if reranker is not None
+                   else {}),
             },
             "files": files,
             "bundle_bytes": sum(f["size"] for f in files.values()),
@@ -291,6 +354,7 @@ class Bundle:
     image_tokenizer_variables: Any
     text_tokenizer: text_tokenizer_lib.TextTokenizer
     mesh: jax.sharding.Mesh
+    reranker: RerankerPart | None = None  # the optional contrastive model
 
 
 def read_manifest(path: epath.Path) -> dict[str, Any]:
@@ -351,7 +415,7 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
 def _config(path: epath.Path, manifest, part: str) -> ml_collections.ConfigDict:
     try:
         text = (path / manifest["parts"][part]["config"]).read_text()
-        return ml_collections.ConfigDict(config_lib._tuples(json.loads(text)))  # pylint: disable=protected-access
+        return config_lib.config_from_json(text)
     except (KeyError, json.JSONDecodeError) as e:
         raise BundleError(f"bundle {path}: {part}: unreadable config ({e})") from None
 
@@ -442,4 +506,30 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
         raise BundleError(f"bundle {path}: text_tokenizer: {text.vocab_size} pieces, more "
                           f"than the transformer's text vocabulary "
                           f"{model_config.text_vocab_size}")
-    return Bundle(path, manifest, t_config, params, i_config, variables, text, mesh)
+    reranker = _load_reranker(path, manifest, mesh) if "reranker" in parts else None
+    return Bundle(path, manifest, t_config, params, i_config, variables, text, mesh,
+                  reranker)
+
+
+def _load_reranker(path: epath.Path, manifest, mesh) -> RerankerPart:
+    from dalle_jax.models import contrastive as contrastive_lib  # pylint: disable=g-import-not-at-top
+    from dalle_jax.stages import contrastive as stage_c  # pylint: disable=g-import-not-at-top
+    part = manifest["parts"]["reranker"]
+    config = _config(path, manifest, "reranker")
+    try:
+        model = contrastive_lib.ContrastiveModel(stage_c.model_config(config))
+        abstract = runs.abstract_variables(
+            config, lambda rng: stage_c.init_variables(model, rng), mesh)["params"]
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        raise BundleError(f"bundle {path}: reranker: config is not a contrastive model's "
+                          f"config ({e})") from None
+    _check_shapes(path, "reranker", abstract, part.get("shapes", {}))
+    abstract = _with_dtypes(abstract, part["shapes"])
+    params = _restore(path / part["arrays"], "reranker", abstract)
+    text_file = path / part.get("text_tokenizer", RERANKER[2])
+    try:
+        text = text_tokenizer_lib.TextTokenizer(text_file, config.text.text_len)
+    except Exception as e:  # pylint: disable=broad-except
+        raise BundleError(f"bundle {path}: reranker: {text_file.name} cannot be loaded "
+                          f"({checkpoint_lib._first_line(e)})") from None  # pylint: disable=protected-access
+    return RerankerPart(config, params, text)

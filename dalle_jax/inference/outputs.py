@@ -3,6 +3,8 @@
     <output>/images/<ppp>_<prompt>/<ii>.png     every image (ppp: the prompt's number)
     <output>/grids/<ppp>_<prompt>.png           each prompt's images, the prompt above
     <output>/samples.jsonl                      one record per image, "file" first
+    <output>/candidates/<ppp>_<prompt>/<cc>.png every candidate, when reranking keeps all
+    <output>/candidates.jsonl                   their records (score, rank)
 
 Every file is written atomically (a temporary name, then a rename).
 """
@@ -20,6 +22,7 @@ from dalle_jax import files
 from dalle_jax import visualize
 
 RECORDS = "samples.jsonl"
+CANDIDATE_RECORDS = "candidates.jsonl"
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -49,8 +52,10 @@ def save_grids(output: str, result, names: Sequence[str], cols: int | None = Non
     count = result.images.shape[1]
     cols = cols or min(count, max(1, math.ceil(math.sqrt(count * 2))))
     for p, prompt in enumerate(result.prompts):
+        labels = [f"#{j}" if result.scores is None else f"#{j} {result.scores[p, j]:.3f}"
+                  for j in range(count)]
         grid = visualize.captioned_grid(
-            result.images[p], [f"#{j}" for j in range(count)], cols=cols, cell_size=128,
+            result.images[p], labels, cols=cols, cell_size=128,
             caption_lines=1, title=prompt or "(no prompt)")
         visualize.save_png(grid, os.path.join(output, "grids", f"{names[p]}.png"))
 
@@ -63,6 +68,21 @@ def save_records(output: str, result, names: Sequence[str]) -> str:
     return str(files.atomic_write(os.path.join(output, RECORDS), "\n".join(lines) + "\n"))
 
 
+def save_candidates(output: str, candidates, names: Sequence[str]) -> str:
+    """Every candidate of a reranked request (``Generation.candidates``) as
+    ``candidates/<prompt>/<candidate>.png``, and ``candidates.jsonl``."""
+    count = candidates.images.shape[1]
+    lines = []
+    for r, image in zip(candidates.records,
+                        candidates.images.reshape((-1,) + candidates.images.shape[2:])):
+        file = image_file(names[r["prompt_index"]], r["candidate"], count).replace(
+            "images/", "candidates/", 1)
+        visualize.save_png(image, os.path.join(output, file))
+        lines.append(json.dumps({"file": file, **r}))
+    return str(files.atomic_write(os.path.join(output, CANDIDATE_RECORDS),
+                                  "\n".join(lines) + "\n"))
+
+
 def save_all(output: str, result, cols: int | None = None) -> list[str]:
     """Images, grids and records of ``result``; returns the prompts' names."""
     names = prompt_names(result.prompts)
@@ -71,4 +91,6 @@ def save_all(output: str, result, cols: int | None = None) -> list[str]:
                 result.images.shape[1])
     save_grids(output, result, names, cols)
     save_records(output, result, names)
+    if result.candidates is not None:
+        save_candidates(output, result.candidates, names)
     return names

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import zlib
 from typing import Any, Callable, Iterable, Sequence
 
@@ -32,6 +33,7 @@ import tqdm
 from dalle_jax import errors
 from dalle_jax.inference import bundle as bundle_lib
 from dalle_jax.inference import image_tokenizer as image_tokenizer_run
+from dalle_jax.inference import reranker as reranker_lib
 from dalle_jax.inference import transformer as transformer_run
 from dalle_jax.models import image_tokenizers
 from dalle_jax.sampling import sampler as sampler_lib
@@ -51,6 +53,13 @@ class Generation:
     images: np.ndarray  # uint8 [len(prompts), num_images, H, W, 3]
     codes: np.ndarray  # int32 [len(prompts), num_images, h, w]
     records: list[dict[str, Any]]  # prompt-major: record of image j of prompt i at i·n + j
+    scores: np.ndarray | None = None  # float32 [len(prompts), num_images]: the reranker's
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds by part
+    candidates: "Generation | None" = None  # every candidate, when reranking with keep_all
+
+    @property
+    def reranked(self) -> bool:
+        return bool(self.records) and "rank" in self.records[0]
 
     def image(self, prompt_index: int, index: int) -> np.ndarray:
         return self.images[prompt_index, index]
@@ -58,8 +67,20 @@ class Generation:
 
 def image_key(seed: int, prompt: str, index: int) -> jax.Array:
     """The key of image ``index`` of ``prompt`` under ``seed``."""
-    key = jax.random.fold_in(jax.random.key(int(seed)), zlib.crc32(prompt.encode()) >> 1)
-    return jax.random.fold_in(key, index)
+    return image_keys(seed, [prompt], [index])[0]
+
+
+def image_keys(seed: int, prompts: Sequence[str], indices: Sequence[int]) -> jax.Array:
+    """The keys of images ``indices[i]`` of ``prompts[i]`` under ``seed``, in one call."""
+    prompt_ids = np.array([zlib.crc32(p.encode()) >> 1 for p in prompts], np.uint32)
+    return _fold_keys(jax.random.key(int(seed)), jnp.asarray(prompt_ids),
+                      jnp.asarray(np.asarray(indices, np.uint32)))
+
+
+@jax.jit
+def _fold_keys(key: jax.Array, prompt_ids: jax.Array, indices: jax.Array) -> jax.Array:
+    fold = jax.vmap(jax.random.fold_in, in_axes=(0, 0))
+    return fold(fold(jnp.broadcast_to(key, prompt_ids.shape), prompt_ids), indices)
 
 
 def read_image(image: Any, size: int, *, name: str = "the image"
@@ -126,6 +147,12 @@ class TextToImage:
             bundle.image_tokenizer_variables,
             int(parts["image_tokenizer"]["source"].get("step", 0)))
         self.text_tokenizer = bundle.text_tokenizer
+        self.reranker = None
+        if bundle.reranker is not None:
+            r = bundle.reranker
+            self.reranker = reranker_lib.Reranker(
+                r.config, r.params, r.text_tokenizer, bundle.mesh,
+                int(parts["reranker"]["source"].get("step", 0)))
         self.sampler = self.transformer.sampler()
         sample = config.get("stage2", {}).get("sample", {})
         self.default_settings = sampler_lib.SamplingSettings(
@@ -215,7 +242,8 @@ class TextToImage:
                  temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, guidance_scale: float | None = None,
                  batch_size: int | None = None, prime_image: Any = None,
-                 prime_rows: int = 0, progress: bool = False,
+                 prime_rows: int = 0, candidates: int | None = None,
+                 keep_all: bool = False, progress: bool = False,
                  warn: Callable[[str], None] = logging.warning,
                  on_batch: Callable[[list[tuple[int, int]], np.ndarray], None] | None = None
                  ) -> Generation:
@@ -223,9 +251,18 @@ class TextToImage:
 
         Sampling settings default to the bundle's (its run's ``config.stage2.sample``).
         ``prime_image`` (a path, PIL image or array) with ``prime_rows`` = K keeps the
-        top K rows of its codes and samples the rest (completion, variations). A
-        progress bar (``progress``) counts batches; ``on_batch(rows, images)`` sees each
-        batch's (prompt index, image index) rows and images as they are made.
+        top K rows of its codes and samples the rest (completion, variations).
+
+        ``candidates`` = N > ``num_images`` draws N images per prompt and keeps the
+        ``num_images`` that the bundle's reranker scores best (their records carry the
+        score, the rank and the candidate's index; ``keep_all`` also returns every
+        candidate as ``Generation.candidates``). Candidate j of a prompt is the image
+        that ``num_images`` > j would have given without reranking. With a reranker
+        every image is scored, reranked or not.
+
+        A progress bar (``progress``) counts batches; ``on_batch(rows, images)`` sees
+        each batch's (prompt index, image index) rows and images as they are made (not
+        when reranking: the kept images are known at the end).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -237,6 +274,8 @@ class TextToImage:
         if isinstance(seed, bool) or int(seed) != seed or not 0 <= seed < 2**63:
             raise GenerateError(f"seed must be a non-negative integer, got {seed!r}")
         num_images, seed = int(num_images), int(seed)
+        draws = self._candidates(candidates, num_images)
+        reranking = draws > num_images
         settings = self.settings(temperature=temperature, top_k=top_k, top_p=top_p,
                                  guidance_scale=guidance_scale)
         grid = self.grid_size
@@ -257,12 +296,14 @@ class TextToImage:
             raise GenerateError("prime_rows needs a priming image")
 
         tokens, truncated = self.tokenize(prompts, warn)
-        rows = [(p, j) for p in range(len(prompts)) for j in range(num_images)]
+        rows = [(p, j) for p in range(len(prompts)) for j in range(draws)]
         size = self._batch_size(batch_size, len(rows))
-        keys = [image_key(seed, prompts[p], j) for p, j in rows]
+        keys = image_keys(seed, [prompts[p] for p, _ in rows], [j for _, j in rows])
         h = w = grid
         codes = np.zeros((len(rows), h, w), np.int32)
         images = np.zeros((len(rows), self.image_size, self.image_size, 3), np.uint8)
+        scores = np.full((len(rows),), np.nan, np.float32)
+        timings = {"sample_s": 0.0, "decode_s": 0.0, "score_s": 0.0}
         starts = range(0, len(rows), size)
         bar = tqdm.tqdm(starts, desc="generating", unit="batch", disable=not progress)
         for start in bar:
@@ -270,36 +311,85 @@ class TextToImage:
             index = list(range(start, start + len(chunk)))
             pad = size - len(chunk)
             index_padded = index + [index[-1]] * pad
-            batch_keys = jnp.stack([keys[i] for i in index_padded])
+            batch_keys = keys[np.asarray(index_padded)]
             text = tokens[[rows[i][0] for i in index_padded]]
             kwargs = {}
             if prime_codes is not None:
                 kwargs = dict(prime_codes=np.repeat(prime_codes, len(index_padded), 0),
                               prime_rows=prime_rows)
+            began = time.perf_counter()
             batch_codes = self.sampler.sample(text, keys=batch_keys, settings=settings,
                                               **kwargs)
+            timings["sample_s"] += time.perf_counter() - began
+            began = time.perf_counter()
             batch_images = self.decode(batch_codes)
+            timings["decode_s"] += time.perf_counter() - began
             codes[index] = batch_codes[:len(chunk)]
             images[index] = batch_images[:len(chunk)]
-            if on_batch is not None:
+            if self.reranker is not None:
+                began = time.perf_counter()
+                scores[index] = self.reranker.scores(images[index],
+                                                     [prompts[p] for p, _ in chunk])
+                timings["score_s"] += time.perf_counter() - began
+            if on_batch is not None and not reranking:
                 on_batch(chunk, images[index])
         bar.close()
 
-        step = self.transformer.step
         prime = None
         if prime_codes is not None:
             prime = {"image": (os.fspath(prime_image) if isinstance(prime_image,
                                                                      (str, os.PathLike))
                                else "array"), "rows": prime_rows, "note": prime_note}
-        records = [{
-            "prompt": prompts[p], "prompt_index": p, "index": j, "seed": seed,
-            "settings": dataclasses.asdict(settings), "prime": prime,
-            "truncated": bool(truncated[p]), "bundle": str(self.bundle.path),
-            "transformer_step": step,
-        } for p, j in rows]
-        n = num_images
-        return Generation(prompts, images.reshape((len(prompts), n) + images.shape[1:]),
-                          codes.reshape(len(prompts), n, h, w), records)
+        scored = self.reranker is not None
+        base = {"seed": seed, "settings": dataclasses.asdict(settings), "prime": prime,
+                "bundle": str(self.bundle.path), "transformer_step": self.transformer.step}
+        count = len(prompts)
+        scores = scores.reshape(count, draws)
+        order = (np.stack([reranker_lib.rank(s) for s in scores]) if reranking
+                 else np.broadcast_to(np.arange(draws), (count, draws)))
+        ranks = np.argsort(order, axis=1)  # rank of each candidate
+
+        def record(p: int, index: int, candidate: int) -> dict[str, Any]:
+            r = {"prompt": prompts[p], "prompt_index": p, "index": index,
+                 **base, "truncated": bool(truncated[p]),
+                 "score": float(scores[p, candidate]) if scored else None}
+            if reranking:
+                r.update(candidate=candidate, rank=int(ranks[p, candidate]),
+                         candidates=draws)
+            return r
+
+        images = images.reshape((count, draws) + images.shape[1:])
+        codes = codes.reshape(count, draws, h, w)
+        kept = order[:, :num_images]
+        result = Generation(
+            prompts, np.take_along_axis(images, kept[:, :, None, None, None], 1),
+            np.take_along_axis(codes, kept[:, :, None, None], 1),
+            [record(p, i, int(kept[p, i])) for p in range(count) for i in range(num_images)],
+            scores=np.take_along_axis(scores, kept, 1) if scored else None,
+            timings=timings)
+        if keep_all and reranking:
+            result.candidates = Generation(
+                prompts, images, codes,
+                [record(p, j, j) for p in range(count) for j in range(draws)],
+                scores=scores)
+        return result
+
+    def _candidates(self, candidates: int | None, num_images: int) -> int:
+        """Images to draw per prompt: ``candidates``, checked."""
+        if candidates is None:
+            return num_images
+        if isinstance(candidates, bool) or int(candidates) != candidates or candidates < 1:
+            raise GenerateError(f"candidates must be a positive integer, got {candidates!r}")
+        candidates = int(candidates)
+        if candidates < num_images:
+            raise GenerateError(f"candidates ({candidates}) must be at least num_images "
+                                f"({num_images}): the best num_images of them are kept")
+        if candidates > num_images and self.reranker is None:
+            raise GenerateError(
+                f"bundle {self.bundle.path} has no reranker, so it cannot keep the best "
+                f"{num_images} of {candidates} candidates: export it with "
+                "--reranker=<a contrastive run> (dalle_jax.tools.export)")
+        return candidates
 
     def variations(self, image: Any, num_images: int = 8, *, prompt: str = "",
                    prime_rows: int | None = None, seed: int = 0, **kwargs: Any) -> Generation:

@@ -76,8 +76,10 @@ class _PointwiseConv(nn.Module):
         return y + bias.astype(self.dtype)
 
 
-def _conv(features: int, kernel_size: int, dtype: Dtype, param_dtype: Dtype,
-          name: str) -> nn.Module:
+def conv(features: int, kernel_size: int, dtype: Dtype, param_dtype: Dtype,
+         name: str) -> nn.Module:
+    """A k×k convolution (a matmul when k = 1) with the release's initialisation and
+    padding and the logical axes of :data:`KERNEL_AXES`."""
     # std 1/sqrt(fan_in) with fan_in = k·k·n_in is variance scaling 1.0 over fan_in with
     # a plain (not truncated) normal: the release's init.
     kernel_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal")
@@ -108,7 +110,7 @@ class _ResPath(nn.Module):
         n_hid = self.n_out // 4
         widths = (n_hid, n_hid, n_hid, self.n_out)
         for i, (width, k) in enumerate(zip(widths, self.kernel_sizes), start=1):
-            x = _conv(width, k, self.dtype, self.param_dtype, f"conv_{i}")(nn.relu(x))
+            x = conv(width, k, self.dtype, self.param_dtype, f"conv_{i}")(nn.relu(x))
         return x
 
 
@@ -125,7 +127,7 @@ class _Block(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         identity = x
         if x.shape[-1] != self.n_out:
-            identity = _conv(self.n_out, 1, self.dtype, self.param_dtype, "id_path")(x)
+            identity = conv(self.n_out, 1, self.dtype, self.param_dtype, "id_path")(x)
         res = _ResPath(self.n_out, self.kernel_sizes, self.dtype, self.param_dtype,
                        name="res_path")(x)
         return identity + self.post_gain * res
@@ -182,7 +184,7 @@ class _Output(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _conv(self.features, 1, self.dtype, self.param_dtype, "conv")(nn.relu(x))
+        return conv(self.features, 1, self.dtype, self.param_dtype, "conv")(nn.relu(x))
 
 
 class Encoder(nn.Module):
@@ -198,7 +200,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         gain = post_gain(self.group_count, self.n_blk_per_group)
-        x = _conv(self.n_hid, 7, self.dtype, self.param_dtype, "input")(
+        x = conv(self.n_hid, 7, self.dtype, self.param_dtype, "input")(
             x.astype(self.dtype))
         for g in range(1, self.group_count + 1):
             last = g == self.group_count
@@ -227,7 +229,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         gain = post_gain(self.group_count, self.n_blk_per_group)
-        x = _conv(self.n_init, 1, self.dtype, self.param_dtype, "input")(z.astype(self.dtype))
+        x = conv(self.n_init, 1, self.dtype, self.param_dtype, "input")(z.astype(self.dtype))
         for g in range(1, self.group_count + 1):
             last = g == self.group_count
             width = 2 ** (self.group_count - g) * self.n_hid

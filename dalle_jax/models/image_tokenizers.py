@@ -11,10 +11,12 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dalle_jax import errors
 from dalle_jax.models import dvae
 from dalle_jax.models import vqvae
 
 KINDS = ("dvae", "vqvae")
+BACKBONES = ("dvae", "space_to_depth")
 
 
 def from_config(model_config, dtype: Any = jnp.float32) -> nn.Module:
@@ -25,7 +27,17 @@ def from_config(model_config, dtype: Any = jnp.float32) -> nn.Module:
     if m.kind == "dvae":
         return dvae.DiscreteVAE(straight_through=m.straight_through, **common)
     if m.kind == "vqvae":
+        backbone = m.get("backbone", "dvae")
+        widths = tuple(m.get("widths", ()))
+        if backbone not in BACKBONES:
+            raise errors.ConfigError("model.backbone", f"must be one of "
+                                     f"{', '.join(BACKBONES)}; got {backbone!r}")
+        if backbone == "space_to_depth" and len(widths) != m.group_count - 1:
+            raise errors.ConfigError(
+                "model.widths", f"the space_to_depth backbone takes one width per halving, "
+                f"group_count - 1 = {m.group_count - 1} of them; got {widths}")
         return vqvae.VQVAE(code_dim=m.code_dim, vq_decay=m.vq_decay,
                            vq_restart_threshold=m.vq_restart_threshold,
-                           vq_normalize=m.vq_normalize, **common)
+                           vq_normalize=m.vq_normalize, backbone=backbone, widths=widths,
+                           **common)
     raise ValueError(f"config.model.kind must be one of {', '.join(KINDS)}; got {m.kind!r}")

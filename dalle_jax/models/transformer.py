@@ -268,7 +268,7 @@ class TransformerConfig:
         return 3 * forward if train else forward
 
 
-class _Projection(nn.Module):
+class Projection(nn.Module):
     """``einsum(equation, x, kernel) + bias`` with logical axis names on both.
 
     The default equation contracts the trailing ``in_shape`` axes of ``x`` into
@@ -307,9 +307,10 @@ class _Projection(nn.Module):
         return y + bias
 
 
-def _layer_norm(dtype):
+def layer_norm(dtype, name: str | None = None):
+    """Layer norm over ``embed`` (scale and bias float32, logical axis names)."""
     return nn.LayerNorm(
-        dtype=dtype, param_dtype=jnp.float32,
+        dtype=dtype, param_dtype=jnp.float32, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
@@ -327,15 +328,15 @@ class Block(nn.Module):
     def setup(self):
         cfg = self.config
         d, heads = (cfg.d_model,), (cfg.num_heads, cfg.head_dim)
-        self.ln_attn = _layer_norm(cfg.dtype)
-        self.query = _Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype)
-        self.key = _Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype)
-        self.value = _Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype)
-        self.out = _Projection(heads, d, ("heads", "kv"), ("embed",), cfg.dtype)
-        self.ln_mlp = _layer_norm(cfg.dtype)
+        self.ln_attn = layer_norm(cfg.dtype)
+        self.query = Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype)
+        self.key = Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype)
+        self.value = Projection(d, heads, ("embed",), ("heads", "kv"), cfg.dtype)
+        self.out = Projection(heads, d, ("heads", "kv"), ("embed",), cfg.dtype)
+        self.ln_mlp = layer_norm(cfg.dtype)
         hidden = (cfg.mlp_ratio * cfg.d_model,)
-        self.mlp_in = _Projection(d, hidden, ("embed",), ("mlp",), cfg.dtype)
-        self.mlp_out = _Projection(hidden, d, ("mlp",), ("embed",), cfg.dtype)
+        self.mlp_in = Projection(d, hidden, ("embed",), ("mlp",), cfg.dtype)
+        self.mlp_out = Projection(hidden, d, ("mlp",), ("embed",), cfg.dtype)
 
     def _qkv(self, x, **layout):
         h = self.ln_attn(x)
@@ -459,10 +460,10 @@ class Transformer(nn.Module):
         # Named layer_0 … layer_{n−1}: the unscanned stack, and the layers that a decode
         # step runs whether or not the model scans (decode_params).
         self.layer = [block(cfg) for _ in range(cfg.num_layers)]
-        self.ln_final = _layer_norm(cfg.dtype)
-        self.text_head = _Projection((d,), (cfg.text_vocab_size,), ("embed",), ("vocab",),
+        self.ln_final = layer_norm(cfg.dtype)
+        self.text_head = Projection((d,), (cfg.text_vocab_size,), ("embed",), ("vocab",),
                                      jnp.float32)
-        self.image_head = _Projection((d,), (cfg.image_vocab_size,), ("embed",), ("vocab",),
+        self.image_head = Projection((d,), (cfg.image_vocab_size,), ("embed",), ("vocab",),
                                       jnp.float32)
 
     # --- training --------------------------------------------------------------------

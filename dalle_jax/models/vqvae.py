@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dalle_jax.models import dvae
+from dalle_jax.models import space_to_depth
 from dalle_jax.models import vq
 
 
@@ -31,13 +32,24 @@ class VQVAE(nn.Module):
     vq_decay: float = 0.99
     vq_restart_threshold: float = 1.0
     vq_normalize: bool = False
+    # "dvae": the dVAE's encoder and decoder; "space_to_depth": the backbone of
+    # :mod:`dalle_jax.models.space_to_depth` with ``widths`` (one per halving, so
+    # ``len(widths) == group_count - 1``) and ``n_blk_per_group`` blocks per width.
+    backbone: str = "dvae"
+    widths: tuple[int, ...] = ()
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.encoder = dvae.Encoder(self.n_hid, self.n_blk_per_group, self.group_count,
-                                    self.code_dim, dtype=self.dtype)
-        self.decoder = dvae.Decoder(self.n_init, self.n_hid, self.n_blk_per_group,
-                                    self.group_count, 3, dtype=self.dtype)
+        if self.backbone == "space_to_depth":
+            self.encoder = space_to_depth.Encoder(self.widths, self.n_blk_per_group,
+                                                  self.code_dim, dtype=self.dtype)
+            self.decoder = space_to_depth.Decoder(self.widths, self.n_blk_per_group, 3,
+                                                  dtype=self.dtype)
+        else:
+            self.encoder = dvae.Encoder(self.n_hid, self.n_blk_per_group, self.group_count,
+                                        self.code_dim, dtype=self.dtype)
+            self.decoder = dvae.Decoder(self.n_init, self.n_hid, self.n_blk_per_group,
+                                        self.group_count, 3, dtype=self.dtype)
         self.quantizer = vq.VectorQuantizer(
             self.vocab_size, self.code_dim, decay=self.vq_decay,
             restart_threshold=self.vq_restart_threshold, normalize=self.vq_normalize)

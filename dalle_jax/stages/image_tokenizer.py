@@ -33,6 +33,7 @@ import numpy as np
 from dalle_jax.data import pipeline as pipeline_lib
 from dalle_jax.models import dvae as dvae_lib
 from dalle_jax.models import image_tokenizers
+from dalle_jax.train import metrics as metrics_lib
 
 
 def cosine_anneal(step, start: float, end: float, steps: int) -> jax.Array:
@@ -98,11 +99,8 @@ class ImageTokenizerTask:
         """Forward FLOPs of one image, counted by XLA on the lowered computation."""
         variables = jax.eval_shape(self.init, jax.random.key(0))
         images = jax.ShapeDtypeStruct((1,) + self.image_shape, jnp.float32)
-        lowered = jax.jit(lambda v, x: self.model.apply(
-            v, x, train=False, mutable=False)).lower(variables, images)
-        cost = lowered.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", 0.0)) if cost else 0.0
+        return metrics_lib.counted_flops(
+            lambda v, x: self.model.apply(v, x, train=False, mutable=False), variables, images)
 
     def init(self, rng):
         return init_variables(self.model, self.config.data.image_size, rng)

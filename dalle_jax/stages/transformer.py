@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dalle_jax import stages
 from dalle_jax import visualize
 from dalle_jax.data import pipeline as pipeline_lib
-from dalle_jax.data import sources as sources_lib
 from dalle_jax.data import text_tokenizer
 from dalle_jax.models import transformer as transformer_lib
 from dalle_jax.sampling import sampler as sampler_lib
@@ -164,14 +164,8 @@ class TransformerTask:
     @property
     def text_tokenizer(self) -> text_tokenizer.TextTokenizer:
         if self._tokenizer is None:
-            captions = sources_lib.iter_captions(
-                sources_lib.make_source(self.config.data, "train"))
-            self._tokenizer = text_tokenizer.train_or_load_text_tokenizer(
-                self.config.text, self.workdir, captions, progress=False)
-            if self._tokenizer.vocab_size > self.model_config.text_vocab_size:
-                raise ValueError(
-                    f"the tokenizer has {self._tokenizer.vocab_size} pieces but the model's "
-                    f"text vocabulary is {self.model_config.text_vocab_size}")
+            self._tokenizer = stages.run_text_tokenizer(
+                self.config, self.workdir, self.model_config.text_vocab_size)
         return self._tokenizer
 
     @property

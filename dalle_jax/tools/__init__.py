@@ -19,7 +19,7 @@ if sys.argv[:1] == ["-m"]:
 CONFIG_FIELDS = {
     "train": ("task", "data", "model", "optimizer", "train", "checkpoint"),
     "train_text_tokenizer": ("data", "text"),
-    "demo": ("data", "text", "image_tokenizer", "transformer", "demo"),
+    "demo": ("data", "text", "image_tokenizer", "transformer", "reranker", "demo"),
     "show_inputs": ("data", "text", "inputs"),
     "eval_image_tokenizer": ("data", "model", "stage1"),
     "encode_dataset": ("data", "model", "encode"),
@@ -30,6 +30,7 @@ CONFIG_FIELDS = {
     "export": (),
     "generate": (),
     "evaluate": (),
+    "evaluate_contrastive": (),
 }
 
 # What to suggest when a config lacks those fields.

@@ -10,10 +10,12 @@ continues where it stopped; a training stage resumes from its latest checkpoint)
   3. stage 1          the image tokenizer, <workdir>/image_tokenizer
   4. encode           the dataset as code shards, <workdir>/codes
   5. stage 2          the transformer, <workdir>/transformer
-  6. export           the inference bundle, <workdir>/bundle
-  7. generate         images for the demo prompts, <workdir>/samples and demo_grid.png
-  8. evaluate         both stages and generated images judged from their pixels,
-                      <workdir>/evaluation.json
+  6. reranker         the contrastive text–image model, <workdir>/reranker
+  7. export           the inference bundle, with the reranker, <workdir>/bundle
+  8. generate         images for the demo prompts, each the reranker's best of several
+                      candidates, <workdir>/samples and demo_grid.png
+  9. evaluate         both stages, the reranker, and generated images judged from their
+                      pixels with and without reranking, <workdir>/evaluation.json
 
 The time of each stage is kept in <workdir>/demo_report.json.
 """
@@ -42,8 +44,8 @@ REPORT = "demo_report.json"
 
 
 def stage_configs(config: ml_collections.ConfigDict, workdir: str):
-    """The stage-1 and stage-2 configs as the demo runs them: the demo's dataset, caption
-    tokenizer and seed, stage 2 reading the code shards of stage 1."""
+    """The stage-1, stage-2 and reranker configs as the demo runs them: the demo's
+    dataset, caption tokenizer and seed, stage 2 reading the code shards of stage 1."""
     data = ml_collections.ConfigDict(config.data.to_dict())
     if not data.data_dir:
         data.data_dir = os.path.join(workdir, "tfds")
@@ -62,7 +64,12 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str):
     s2.text = text
     s2.seed = config.seed
     s2.stage2.image_tokenizer = os.path.join(workdir, "image_tokenizer")
-    return data, text, s1, s2
+
+    reranker = ml_collections.ConfigDict(config.reranker.to_dict())
+    reranker.data = ml_collections.ConfigDict(data.to_dict())
+    reranker.text = ml_collections.ConfigDict(text.to_dict())
+    reranker.seed = config.seed
+    return data, text, s1, s2, reranker
 
 
 def finished_step(run: str) -> int | None:
@@ -132,39 +139,30 @@ def examples_grid(data, tokenizer, seed: int, path: str) -> None:
             shuffle_buffer=data.shuffle_buffer, with_captions=True, process_index=0,
             process_count=1) as pipeline:
         batch = next(pipeline)
-    lengths = (batch["text_tokens"] != text_tokenizer.PAD_ID).sum(-1)
-    labels = [f"{c} [{n} tokens]" for c, n in zip(batch["caption"], lengths)]
-    visualize.save_png(visualize.captioned_grid(batch["image"], labels, cols=6), path)
+    visualize.save_png(visualize.examples_grid(batch, cols=6, pad_id=text_tokenizer.PAD_ID),
+                       path)
 
 
 def encode(s1: ml_collections.ConfigDict, run: str) -> str:
     """Every split as code shards (finished shards are kept), then each split's
     metadata."""
     import dataclasses  # pylint: disable=g-import-not-at-top
-    from dalle_jax.data import code_records  # pylint: disable=g-import-not-at-top
     from dalle_jax.inference.image_tokenizer import ImageTokenizerRun  # pylint: disable=g-import-not-at-top
     from dalle_jax.data import encoding  # pylint: disable=g-import-not-at-top
     tokenizer = dataclasses.replace(ImageTokenizerRun.load(run),
                                     encode_chunk_size=s1.encode.chunk_size)
-    total = 0
-    for split in s1.encode.splits:
-        entries = encoding.encode_split(tokenizer, s1, split, s1.encode.output_dir,
-                                        batch_size=s1.encode.batch_size)
-        metadata = code_records.write_metadata(
-            s1.encode.output_dir, s1.data.name, split, shards=entries,
-            code_shape=[tokenizer.grid_size] * 2, vocab_size=tokenizer.vocab_size,
-            tokenizer_run=run, tokenizer_step=tokenizer.step)
-        total += metadata["num_examples"]
+    total = encoding.encode_splits(tokenizer, s1, run, report=lambda line: None)
     return f"{total} examples -> {s1.encode.output_dir}"
 
 
-def generate(model, prompts: list[str], count: int, seed: int, output: str,
+def generate(model, prompts: list[str], count: int, candidates: int, seed: int, output: str,
              grid_path: str) -> str:
-    """The demo prompts' images, grids and records, and the demo grid (a row per
-    prompt)."""
+    """The demo prompts' images (each the reranker's best of ``candidates``), grids and
+    records, and the demo grid (a row per prompt)."""
     from dalle_jax import visualize  # pylint: disable=g-import-not-at-top
     from dalle_jax.inference import outputs  # pylint: disable=g-import-not-at-top
-    result = model.generate(prompts, count, seed=seed, progress=True)
+    result = model.generate(prompts, count, seed=seed, progress=True,
+                            candidates=max(candidates, count))
     outputs.save_all(output, result)
     grid = visualize.prompt_rows(result.images, prompts, cell_size=48, label_width=190)
     visualize.save_png(grid, grid_path)
@@ -179,22 +177,23 @@ def main(argv):
         workdir = os.path.abspath(workdir)  # orbax takes absolute paths only
     os.makedirs(workdir, exist_ok=True)
     config_lib.write_config(config, workdir)
-    data, text, s1, s2 = stage_configs(config, workdir)
+    data, text, s1, s2, sr = stage_configs(config, workdir)
     from dalle_jax import errors  # pylint: disable=g-import-not-at-top
     from dalle_jax import validate  # pylint: disable=g-import-not-at-top
-    for section, stage in (("image_tokenizer", s1), ("transformer", s2)):
+    for section, stage in (("image_tokenizer", s1), ("transformer", s2), ("reranker", sr)):
         try:  # the training job's rules, before any stage starts
             validate.check_config("train", stage)
         except errors.UserError as e:
             raise errors.UserError(str(e).replace("config.", f"config.{section}.", 1)) from None
     s1_dir, s2_dir = s2.stage2.image_tokenizer, os.path.join(workdir, "transformer")
+    sr_dir = os.path.join(workdir, "reranker")
     bundle_dir = os.path.join(workdir, "bundle")
     samples_dir = os.path.join(workdir, "samples")
     grid_path = os.path.join(workdir, "demo_grid.png")
     eval_path = os.path.join(workdir, "evaluation.json")
     report = Report(workdir)
     start = time.perf_counter()
-    count = 8
+    count = 9
 
     from dalle_jax.data import sources  # pylint: disable=g-import-not-at-top
     splits = ("train", "validation", "test", "holdout")
@@ -273,6 +272,13 @@ def main(argv):
               f"{mm.image_grid[0]}x{mm.image_grid[1]} codes], {s2.total_steps} steps",
               lambda: trained(s2_dir, s2.total_steps), train(s2, s2_dir))
 
+    mr = sr.model
+    run_stage(report, 6, count, "reranker",
+              f"reranker: contrastive model ({sr.contrastive.loss} loss, image tower "
+              f"{'/'.join(str(w) for w in mr.image_widths)}, text tower {mr.text_layers} "
+              f"layers, {mr.embed_dim}-d), {sr.total_steps} steps",
+              lambda: trained(sr_dir, sr.total_steps), train(sr, sr_dir))
+
     from dalle_jax.inference import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
 
     def exported():
@@ -280,16 +286,21 @@ def main(argv):
             manifest = bundle_lib.verify(bundle_dir)
         except bundle_lib.BundleError:
             return None
-        step = manifest["parts"]["transformer"]["source"]["step"]
-        return f"{bundle_dir} (step {step})" if step == s2.total_steps else None
+        parts = manifest["parts"]
+        step = parts["transformer"]["source"]["step"]
+        reranker_step = parts.get("reranker", {}).get("source", {}).get("step")
+        if step == s2.total_steps and reranker_step == sr.total_steps:
+            return f"{bundle_dir} (step {step}, reranker step {reranker_step})"
+        return None
 
     def export():
-        result = bundle_lib.export(s2_dir, bundle_dir, overwrite=True)
-        return (f"-> {bundle_dir}: {result.bundle_bytes / 1e6:.1f} MB, "
-                f"{result.bundle_bytes / result.checkpoint_bytes:.2f}x the training "
-                "checkpoint")
+        result = bundle_lib.export(s2_dir, bundle_dir, reranker=sr_dir, overwrite=True)
+        return (f"-> {bundle_dir}: {result.bundle_bytes / 1e6:.1f} MB (reranker "
+                f"{result.part_bytes['reranker'] / 1e6:.1f} MB); without the reranker "
+                f"{result.generation_bytes / result.checkpoint_bytes:.2f}x the "
+                "transformer's training checkpoint")
 
-    run_stage(report, 6, count, "export", "export the inference bundle", exported, export)
+    run_stage(report, 7, count, "export", "export the inference bundle", exported, export)
 
     demo = config.demo
     model_box = {}
@@ -305,25 +316,34 @@ def main(argv):
         return (os.path.exists(path) and os.path.exists(manifest)
                 and os.path.getmtime(path) >= os.path.getmtime(manifest))
 
-    run_stage(report, 7, count, "generate",
+    run_stage(report, 8, count, "generate",
               f"generate {demo.images_per_prompt} images for each of {len(demo.prompts)} "
-              "prompts", lambda: grid_path if newer_than_bundle(grid_path) else None,
+              f"prompts, the reranker's best of {demo.candidates}",
+              lambda: grid_path if newer_than_bundle(grid_path) else None,
               lambda: generate(model(), list(demo.prompts), demo.images_per_prompt,
-                               demo.seed, samples_dir, grid_path))
+                               demo.candidates, demo.seed, samples_dir, grid_path))
 
     def evaluate():
         from dalle_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
         result = evaluate_lib.evaluate(
             model(), data_dir=data.data_dir, test_prompts=demo.test_prompts,
             holdout_prompts=demo.holdout_prompts,
-            images_per_prompt=demo.eval_images_per_prompt, seed=demo.seed, log=print)
+            images_per_prompt=demo.eval_images_per_prompt, seed=demo.seed,
+            candidates=max(demo.candidates, demo.eval_images_per_prompt),
+            rerank_prompts=demo.rerank_prompts,
+            rerank_candidates=tuple(demo.rerank_candidates),
+            rerank_seeds=tuple(range(demo.seed, demo.seed + demo.rerank_seeds)),
+            reranker_examples=demo.reranker_examples, log=print)
         files.atomic_write(eval_path, json.dumps(result, indent=1) + "\n")
         return f"-> {eval_path}"
 
-    run_stage(report, 8, count, "evaluate",
-              f"evaluate (stage 1 and 2 on validation; {demo.test_prompts} test and "
-              f"{demo.holdout_prompts} holdout prompts x {demo.eval_images_per_prompt} "
-              "images judged from pixels)",
+    run_stage(report, 9, count, "evaluate",
+              f"evaluate (stage 1 and 2 and the reranker on validation; "
+              f"{demo.test_prompts} test and {demo.holdout_prompts} holdout prompts x "
+              f"{demo.eval_images_per_prompt} images, each the best of {demo.candidates}, "
+              f"judged from pixels; reranking: "
+              f"{demo.rerank_prompts} prompts x {max(demo.rerank_candidates)} candidates "
+              f"x {demo.rerank_seeds} seeds)",
               lambda: eval_path if newer_than_bundle(eval_path) else None, evaluate)
 
     from dalle_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top

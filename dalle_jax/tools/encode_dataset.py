@@ -19,7 +19,6 @@ from jax.experimental import multihost_utils
 
 from dalle_jax import config as config_lib
 from dalle_jax import errors
-from dalle_jax.data import code_records
 from dalle_jax.data import encoding
 from dalle_jax.train import distributed
 
@@ -48,20 +47,9 @@ def main(argv):
     from dalle_jax.inference.image_tokenizer import ImageTokenizerRun  # pylint: disable=g-import-not-at-top
     tokenizer = ImageTokenizerRun.load(workdir, config)
     tokenizer = dataclasses.replace(tokenizer, encode_chunk_size=chunk)
-    for split in config.encode.splits:
-        entries = encoding.encode_split(tokenizer, config, split, config.encode.output_dir,
-                               batch_size=config.encode.batch_size,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"encoded {split}")
-        if jax.process_index() == 0:
-            metadata = code_records.write_metadata(
-                config.encode.output_dir, config.data.name, split, shards=entries,
-                code_shape=[tokenizer.grid_size, tokenizer.grid_size],
-                vocab_size=tokenizer.vocab_size,
-                tokenizer_run=str(workdir), tokenizer_step=tokenizer.step)
-            print(f"{split}: {metadata['num_examples']} examples in {len(entries)} shards")
+    sync = multihost_utils.sync_global_devices if jax.process_count() > 1 else None
+    encoding.encode_splits(tokenizer, config, workdir, process_index=jax.process_index(),
+                           process_count=jax.process_count(), sync=sync)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ Reports stage-1 reconstruction PSNR and codebook use and stage-2 validation loss
 bits per image token on the validation split; for captioned shapes, the fidelity of
 images generated for the test split's captions and for the holdout split's (colour,
 shape) pairs, read by the attribute checker (:mod:`dalle_jax.evaluation.shapes_checker`).
-Prints a short table and writes everything, per-image checks included, as JSON.
+When the bundle carries a reranker (``export --reranker``), also its retrieval
+Recall@1/5/10 and zero-shot colour, shape and cell accuracy on the split, and the gain
+from reranking: the fidelity of its top-1 of 8 and of 32 candidates against a random
+one of them, over several seeds. Prints a short table and writes everything, per-image
+checks included, as JSON.
 """
 from __future__ import annotations
 
@@ -37,6 +41,18 @@ _IMAGES = flags.DEFINE_integer("images_per_prompt", 2, "Images per prompt.", low
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", lower_bound=0)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per sampling batch.",
                                    lower_bound=1)
+_CANDIDATES = flags.DEFINE_integer(
+    "candidates", None, "Judge, for each prompt, the reranker's best --images_per_prompt "
+    "of this many candidates (and a random candidate beside; needs a reranker).",
+    lower_bound=1)
+_RERANK_PROMPTS = flags.DEFINE_integer(
+    "rerank_prompts", 64, "Test prompts for the reranking gain (0: skip it).", lower_bound=0)
+_RERANK_CANDIDATES = flags.DEFINE_list("rerank_candidates", ["8", "32"],
+                                       "Numbers of candidates to rerank.")
+_RERANK_SEEDS = flags.DEFINE_integer("rerank_seeds", 3, "Seeds for the reranking gain "
+                                     "(its spread is over these).", lower_bound=1)
+_RERANKER_EXAMPLES = flags.DEFINE_integer("reranker_examples", 1000, "Pairs of the split "
+                                          "for the reranker's retrieval.", lower_bound=1)
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Default: the bundle's.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Default: the bundle's.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Default: the bundle's.")
@@ -51,6 +67,14 @@ def main(argv):
     from dalle_jax.inference.text_to_image import TextToImage  # pylint: disable=g-import-not-at-top
     output = _OUTPUT.value or os.path.join(
         os.path.dirname(os.path.abspath(_BUNDLE.value)), "evaluation.json")
+    from dalle_jax import errors  # pylint: disable=g-import-not-at-top
+    try:
+        candidates = tuple(int(n) for n in _RERANK_CANDIDATES.value)
+    except ValueError:
+        raise errors.UserError(f"--rerank_candidates must be integers, got "
+                               f"{','.join(_RERANK_CANDIDATES.value)}") from None
+    if not candidates or min(candidates) < 1:
+        raise errors.UserError("--rerank_candidates must be positive integers")
     start = time.perf_counter()
     model = TextToImage.load(_BUNDLE.value)
     report = evaluate.evaluate(
@@ -58,6 +82,10 @@ def main(argv):
         max_examples=_MAX_EXAMPLES.value, test_prompts=_TEST_PROMPTS.value,
         holdout_prompts=_HOLDOUT_PROMPTS.value, images_per_prompt=_IMAGES.value,
         seed=_SEED.value, batch_size=_BATCH_SIZE.value, log=print,
+        candidates=_CANDIDATES.value,
+        rerank_prompts=_RERANK_PROMPTS.value, rerank_candidates=candidates,
+        rerank_seeds=tuple(range(_SEED.value, _SEED.value + _RERANK_SEEDS.value)),
+        reranker_examples=_RERANKER_EXAMPLES.value,
         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
         guidance_scale=_GUIDANCE.value)
     report["seconds"]["total"] = round(time.perf_counter() - start, 1)

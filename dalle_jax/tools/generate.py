@@ -6,11 +6,17 @@ r"""Generates images from prompts with an exported bundle.
   python -m dalle_jax.tools.generate --bundle=... --prompt="a green square" \
       --prime_image=start.png --prime_rows=3 --output=...          # complete an image
   python -m dalle_jax.tools.generate --bundle=... --variations_of=image.png --output=...
+  python -m dalle_jax.tools.generate --bundle=... --prompt="a red star" --candidates=32 \
+      --num_images=4 --output=...        # the reranker's best 4 of 32 (--keep_all: all)
 
 Writes ``<output>/images/<prompt>/<index>.png`` for every image, one grid per prompt
 (``<output>/grids/<prompt>.png``, the prompt as its caption) and ``samples.jsonl`` with
-one line per image (file, prompt, seed, index, settings, ...). The same bundle, flags and
-seed give byte-identical PNGs.
+one line per image (file, prompt, seed, index, settings, score, ...). With
+``--candidates=N`` each prompt gets N images, scored from their pixels by the bundle's
+reranker (a contrastive model), and the best ``--num_images`` are kept; ``--keep_all``
+also writes every candidate (``<output>/candidates/<prompt>/<candidate>.png``) and
+``candidates.jsonl`` with each one's score and rank. The same bundle, flags and seed give
+byte-identical PNGs.
 """
 from __future__ import annotations
 
@@ -45,6 +51,11 @@ _PRIME_ROWS = flags.DEFINE_integer("prime_rows", None, "Code rows kept from the 
 _VARIATIONS_OF = flags.DEFINE_string(
     "variations_of", None, "Variations of this image: its top rows kept, the rest "
     "resampled with --num_images seeds (unconditional unless a --prompt is given).")
+_CANDIDATES = flags.DEFINE_integer(
+    "candidates", None, "Draw this many images per prompt and keep the --num_images the "
+    "bundle's reranker scores best (default: --num_images, no reranking).", lower_bound=1)
+_KEEP_ALL = flags.DEFINE_bool("keep_all", False, "With --candidates: also write every "
+                              "candidate with its rank and score.")
 _GRID_COLS = flags.DEFINE_integer("grid_cols", None, "Columns of each grid.", lower_bound=1)
 config_lib.define_debug_flag()
 
@@ -86,6 +97,8 @@ def main(argv):
         raise errors.UserError("--prime_image needs --prime_rows (code rows to keep)")
     if _PRIME_ROWS.value is not None and not (_PRIME_IMAGE.value or _VARIATIONS_OF.value):
         raise errors.UserError("--prime_rows needs --prime_image or --variations_of")
+    if _KEEP_ALL.value and _CANDIDATES.value is None:
+        raise errors.UserError("--keep_all needs --candidates (the images to choose from)")
     prompts = _prompts(errors)
 
     from dalle_jax.inference import outputs  # pylint: disable=g-import-not-at-top
@@ -94,7 +107,8 @@ def main(argv):
     model = text_to_image.TextToImage.load(_BUNDLE.value)
     print(f"loaded {_BUNDLE.value} in {time.perf_counter() - start:.1f}s: "
           f"{model.image_size}px images from {model.grid_size}x{model.grid_size} codes, "
-          f"on {model.mesh.size} device(s)")
+          f"on {model.mesh.size} device(s)"
+          + (", with a reranker" if model.reranker is not None else ""))
     warn = lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)
 
     prime_image = _PRIME_IMAGE.value or _VARIATIONS_OF.value
@@ -111,15 +125,25 @@ def main(argv):
     result = model.generate(
         prompts, count, seed=_SEED.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, guidance_scale=_GUIDANCE.value, batch_size=_BATCH_SIZE.value,
-        prime_image=prime_image, prime_rows=prime_rows or 0, progress=True, warn=warn,
+        prime_image=prime_image, prime_rows=prime_rows or 0,
+        candidates=_CANDIDATES.value, keep_all=_KEEP_ALL.value, progress=True, warn=warn,
         on_batch=write_batch)
     seconds = time.perf_counter() - start
+    if result.reranked:  # the kept images are known only now
+        outputs.save_images(output, names, [(r["prompt_index"], r["index"])
+                                            for r in result.records],
+                            result.images.reshape((-1,) + result.images.shape[2:]), count)
+    if result.candidates is not None:
+        outputs.save_candidates(output, result.candidates, names)
     outputs.save_grids(output, result, names, _GRID_COLS.value)
     outputs.save_records(output, result, names)
-    total = len(result.records)
-    print(f"{total} images of {len(prompts)} prompt(s) in {seconds:.1f}s "
-          f"({total / seconds:.2f} images/s) -> {output}/images, grids in {output}/grids, "
-          f"records in {output}/samples.jsonl")
+    drawn = result.images.shape[0] * (_CANDIDATES.value or count)
+    t = result.timings
+    print(f"{len(result.records)} images of {len(prompts)} prompt(s) "
+          + (f"(the best of {_CANDIDATES.value} each) " if result.reranked else "")
+          + f"in {seconds:.1f}s ({drawn / seconds:.2f} images drawn/s: sampling "
+          f"{t['sample_s']:.1f}s, decoding {t['decode_s']:.1f}s, scoring {t['score_s']:.1f}s)"
+          f" -> {output}/images, grids in {output}/grids, records in {output}/samples.jsonl")
 
 
 if __name__ == "__main__":

@@ -52,9 +52,8 @@ def main(argv):
     print("batch: " + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in batch.items()))
     print(f"pipeline: {rate:.0f} examples/s (batch {count}, warm)")
 
-    lengths = (batch["text_tokens"] != text_tokenizer.PAD_ID).sum(-1)
-    labels = [f"{c} [{n} tokens]" for c, n in zip(batch["caption"], lengths)]
-    grid = visualize.captioned_grid(batch["image"], labels, cols=config.inputs.grid_cols)
+    grid = visualize.examples_grid(batch, cols=config.inputs.grid_cols,
+                                   pad_id=text_tokenizer.PAD_ID)
     path = visualize.save_png(grid, f"{workdir}/examples.png")
     for caption in batch["caption"][:3]:
         print(f"  {caption!r} -> {tokenizer.pieces(caption)}")

@@ -38,6 +38,14 @@ _GPU_PEAKS: tuple[tuple[str, str | None, dict[str, float]], ...] = (
 )
 
 
+def counted_flops(fn: Callable[..., Any], *args: Any) -> float:
+    """FLOPs of ``fn(*args)`` as XLA counts them on the lowered computation (``args``
+    may be ``jax.ShapeDtypeStruct``s); 0 where the backend gives no count."""
+    cost = jax.jit(fn).lower(*args).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
 def _precision_class(dtype: Any) -> str | None:
     dtype = jnp.dtype(dtype)
     if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
