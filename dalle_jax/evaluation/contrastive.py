@@ -23,6 +23,7 @@ import numpy as np
 from dalle_jax.data import shapes
 from dalle_jax.evaluation import batches as batches_lib
 from dalle_jax.evaluation import shapes_checker
+from dalle_jax.stages import contrastive as stage
 
 # Composites judged for reranking: (name, prompt kind, criteria).
 RERANK_COMPOSITES = (
@@ -64,26 +65,14 @@ def retrieval(reranker, images: np.ndarray, captions: Sequence[str],
 def retrieval_recalls(z_img: np.ndarray, z_txt: np.ndarray,
                       ks: Sequence[int] = (1, 5, 10),
                       image_ids: np.ndarray | None = None) -> dict[str, float]:
-    """Recall@k both ways for paired embeddings (row i of each is one pair).
-
-    A caption is retrieved correctly at k when its own image is among the k images it
-    scores highest, and an image when its caption is among its k best captions. Where
-    ``image_ids`` are given, rows with the same id count as the same (a caption of
-    captioned shapes may describe several images: they share an id)."""
-    z_img, z_txt = np.asarray(z_img, np.float32), np.asarray(z_txt, np.float32)
-    n = z_img.shape[0]
+    """Recall@k both ways for paired embeddings (row i of each is one pair,
+    :func:`dalle_jax.stages.contrastive.recalls`); rows with the same ``image_ids`` count
+    as the same (a caption of captioned shapes may describe several images)."""
+    n = np.asarray(z_img).shape[0]
     ids = np.arange(n) if image_ids is None else np.asarray(image_ids)
-    scores = z_img @ z_txt.T  # [image, caption]
-    out = {}
-    for k in ks:
-        k_eff = min(k, n)
-        top_captions = np.argsort(-scores, axis=1)[:, :k_eff]  # per image
-        top_images = np.argsort(-scores, axis=0)[:k_eff].T  # per caption
-        out[f"image_to_text_r@{k}"] = float(np.mean(
-            (ids[top_captions] == ids[:, None]).any(1)))
-        out[f"text_to_image_r@{k}"] = float(np.mean(
-            (ids[top_images] == ids[:, None]).any(1)))
-    return out
+    out = stage.recalls(np.asarray(z_img, np.float32), np.asarray(z_txt, np.float32),
+                        ids[:, None] == ids[None, :], ks=tuple(ks))
+    return {k: float(v) for k, v in out.items()}
 
 
 def _class_embeddings(reranker, phrases: dict[str, list[str]]) -> tuple[list[str], np.ndarray]:
@@ -125,16 +114,6 @@ def zero_shot(reranker, images: np.ndarray, captions: Sequence[str]) -> dict[str
     return out
 
 
-def _judge(images: np.ndarray, prompts: Sequence[str]) -> list[dict[str, Any]]:
-    checks = []
-    for image, prompt in zip(images, prompts):
-        parsed = shapes_checker.parse_caption(prompt)
-        checks.append({"kind": "one_object" if len(parsed.objects) == 1 else "two_objects",
-                       "check": shapes_checker.check_reading(
-                           shapes_checker.read_image(image), parsed)})
-    return checks
-
-
 def reranking_gain(model, prompts: Sequence[str], *, candidates: Sequence[int] = (8, 32),
                    seeds: Sequence[int] = (0, 1, 2), batch_size: int | None = None,
                    progress: bool = False, log: Callable[[str], None] = lambda _: None,
@@ -157,7 +136,7 @@ def reranking_gain(model, prompts: Sequence[str], *, candidates: Sequence[int] =
         for k, v in result.timings.items():
             timings[k] += v
         flat = result.images.reshape((-1,) + result.images.shape[2:])
-        checks = _judge(flat, [r["prompt"] for r in result.records])
+        checks = shapes_checker.judge(flat, [r["prompt"] for r in result.records])
         kinds = np.array([c["kind"] for c in checks]).reshape(len(prompts), most)[:, 0]
         figures: dict[str, dict[str, float]] = {}
         for name, kind, criteria in RERANK_COMPOSITES:
@@ -183,6 +162,24 @@ def reranking_gain(model, prompts: Sequence[str], *, candidates: Sequence[int] =
     return {"prompts": len(prompts), "seeds": list(seeds), "candidates": list(candidates),
             "images_drawn": drawn, "figures": summary,
             "seconds": {k: round(v, 2) for k, v in timings.items()}}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def reranker_lines(split: str, retrieval: dict[str, Any],
+                   zero_shot: dict[str, Any] | None = None) -> list[str]:
+    """:func:`retrieval` (and :func:`zero_shot`) as text lines."""
+    r = retrieval
+    ways = [f"{way.replace('_to_', '->')} R@1/5/10 "
+            + " / ".join(_pct(r[f"{way}_r@{k}"]) for k in (1, 5, 10))
+            for way in ("image_to_text", "text_to_image")]
+    lines = [f"reranker ({split}, {r['pairs']} pairs): " + ", ".join(ways)]
+    if zero_shot and zero_shot.get("images"):
+        lines.append(f"  zero-shot on {zero_shot['images']} lone objects: " + ", ".join(
+            f"{a} {_pct(zero_shot[a])}" for a in ("colour", "shape", "cell")))
+    return lines
 
 
 def gain_table(gain: dict[str, Any]) -> str:

@@ -157,14 +157,8 @@ def composite_rates(results: list[dict[str, Any]]) -> dict[str, dict[str, float 
 
 
 def _checks(images: np.ndarray, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    checks = []
-    for image, record in zip(images, records):
-        parsed = shapes_checker.parse_caption(record["prompt"])
-        check = shapes_checker.check_reading(shapes_checker.read_image(image), parsed)
-        checks.append({"prompt": record["prompt"], "index": record["index"],
-                       "kind": "one_object" if len(parsed.objects) == 1 else "two_objects",
-                       "check": check})
-    return checks
+    judged = shapes_checker.judge(images, [r["prompt"] for r in records])
+    return [{"prompt": r["prompt"], "index": r["index"], **j} for r, j in zip(records, judged)]
 
 
 def fidelity(model, prompts: list[str], *, images_per_prompt: int, seed: int,
@@ -304,21 +298,10 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"  {'images (one / two objects)':<32}" + "  ".join(
             f"{rates['one_object']['images']:>3} /{rates['two_objects']['images']:>3}"
             for _, rates in columns))
-    reranker = report.get("reranker")
-    if reranker:
-        r = reranker["retrieval"]
-        line = (f"reranker ({reranker['split']}, {r['pairs']} pairs): image->text R@1/5/10 "
-                f"{_pct(r['image_to_text_r@1']).strip()} / {_pct(r['image_to_text_r@5']).strip()}"
-                f" / {_pct(r['image_to_text_r@10']).strip()}, text->image "
-                f"{_pct(r['text_to_image_r@1']).strip()} / {_pct(r['text_to_image_r@5']).strip()}"
-                f" / {_pct(r['text_to_image_r@10']).strip()}")
-        lines.append(line)
-        z = reranker.get("zero_shot")
-        if z and z.get("images"):
-            lines.append(f"  zero-shot on {z['images']} lone objects: colour "
-                         f"{_pct(z['colour']).strip()}, shape {_pct(z['shape']).strip()}, "
-                         f"cell {_pct(z['cell']).strip()}")
+    from dalle_jax.evaluation import contrastive  # pylint: disable=g-import-not-at-top
+    if report.get("reranker"):
+        r = report["reranker"]
+        lines += contrastive.reranker_lines(r["split"], r["retrieval"], r.get("zero_shot"))
     if report.get("reranking"):
-        from dalle_jax.evaluation import contrastive  # pylint: disable=g-import-not-at-top
         lines.append(contrastive.gain_table(report["reranking"]))
     return "\n".join(lines)

@@ -44,7 +44,7 @@ import functools
 import itertools
 import math
 import re
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -491,6 +491,17 @@ def check(image: np.ndarray, caption: str) -> dict[str, bool | None]:
     A criterion that cannot be judged (an asked object not found) is False.
     """
     return check_reading(read_image(image), parse_caption(caption))
+
+
+def judge(images: Sequence[np.ndarray], captions: Sequence[str]) -> list[dict[str, Any]]:
+    """Each image checked against its caption: ``{"kind": "one_object" | "two_objects",
+    "check": check(image, caption)}``."""
+    judged = []
+    for image, caption in zip(images, captions):
+        prompt = parse_caption(caption)
+        judged.append({"kind": "one_object" if len(prompt.objects) == 1 else "two_objects",
+                       "check": check_reading(read_image(image), prompt)})
+    return judged
 
 
 def score(

@@ -41,9 +41,11 @@ from dalle_jax import config as config_lib
 from dalle_jax import errors
 from dalle_jax.data import text_tokenizer as text_tokenizer_lib
 from dalle_jax.inference import runs
+from dalle_jax.models import contrastive as contrastive_lib
 from dalle_jax.models import image_tokenizers
 from dalle_jax.models import openai_dvae
 from dalle_jax.models import transformer as transformer_lib
+from dalle_jax.stages import contrastive as stage_c
 from dalle_jax.stages import image_tokenizer as stage1
 from dalle_jax.stages import transformer as stage2
 from dalle_jax.train import checkpoint as checkpoint_lib
@@ -254,7 +256,7 @@ def _reranker_part(run: str | os.PathLike, image_size: int,
     except FileNotFoundError as e:
         raise BundleError(f"reranker: {e}") from None
     size = config.get("data", {}).get("image_size")
-    if config.get("task") == "dalle_jax.stages.contrastive" and size != image_size:
+    if config.get("task") == stage_c.__name__ and size != image_size:
         raise BundleError(f"reranker {run} scores {size}px images, but the bundle makes "
                           f"{image_size}px ones")
     try:
@@ -512,8 +514,6 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
 
 
 def _load_reranker(path: epath.Path, manifest, mesh) -> RerankerPart:
-    from dalle_jax.models import contrastive as contrastive_lib  # pylint: disable=g-import-not-at-top
-    from dalle_jax.stages import contrastive as stage_c  # pylint: disable=g-import-not-at-top
     part = manifest["parts"]["reranker"]
     config = _config(path, manifest, "reranker")
     try:

@@ -17,7 +17,6 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -123,5 +122,6 @@ class Reranker:
 
 
 def rank(scores: np.ndarray) -> np.ndarray:
-    """Indices that order ``scores`` from best to worst; ties keep the earlier one."""
-    return np.argsort(-np.asarray(scores), kind="stable")
+    """Indices that order ``scores`` (along the last axis) from best to worst; ties keep
+    the earlier one."""
+    return np.argsort(-np.asarray(scores), axis=-1, kind="stable")

@@ -345,7 +345,7 @@ class TextToImage:
                 "bundle": str(self.bundle.path), "transformer_step": self.transformer.step}
         count = len(prompts)
         scores = scores.reshape(count, draws)
-        order = (np.stack([reranker_lib.rank(s) for s in scores]) if reranking
+        order = (reranker_lib.rank(scores) if reranking
                  else np.broadcast_to(np.arange(draws), (count, draws)))
         ranks = np.argsort(order, axis=1)  # rank of each candidate
 

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dalle_jax import errors
 from dalle_jax import stages
 from dalle_jax.data import pipeline as pipeline_lib
 from dalle_jax.data import text_tokenizer
@@ -48,11 +49,14 @@ def model_config(config) -> contrastive_lib.ContrastiveConfig:
         dtype=jnp.dtype(config.train.compute_dtype))
 
 
-def in_batch_recalls(z_img: jax.Array, z_txt: jax.Array, tokens: jax.Array,
-                     weights: jax.Array, ks=RECALL_AT) -> dict[str, jax.Array]:
-    """Recall@k both ways among the batch's real pairs; rows with equal tokens match."""
-    real = weights > 0
-    same = jnp.all(tokens[:, None, :] == tokens[None, :, :], axis=-1) & real[None, :]
+def recalls(z_img: jax.Array, z_txt: jax.Array, same: jax.Array,
+            weights: jax.Array | None = None, ks=RECALL_AT) -> dict[str, jax.Array]:
+    """Recall@k both ways of paired embeddings (row i of each is one pair): a caption is
+    retrieved at k when one of the k images it scores highest is a match of it, an image
+    when one of its k best captions is. ``same`` bool [B, B] says which pairs match
+    (equal captions do); ``weights`` [B] leave padding rows out of both sides."""
+    real = jnp.ones(z_img.shape[:1], bool) if weights is None else weights > 0
+    same = same & real[None, :] & real[:, None]
     scores = jnp.where(real[None, :] & real[:, None], z_img @ z_txt.T, -jnp.inf)
     count = jnp.maximum(jnp.sum(real), 1)
     out = {}
@@ -67,6 +71,13 @@ def in_batch_recalls(z_img: jax.Array, z_txt: jax.Array, tokens: jax.Array,
     return out
 
 
+def in_batch_recalls(z_img: jax.Array, z_txt: jax.Array, tokens: jax.Array,
+                     weights: jax.Array, ks=RECALL_AT) -> dict[str, jax.Array]:
+    """:func:`recalls` among the batch's real pairs; rows with equal tokens match."""
+    same = jnp.all(tokens[:, None, :] == tokens[None, :, :], axis=-1)
+    return recalls(z_img, z_txt, same, weights, ks)
+
+
 class ContrastiveTask:
     """The training core's view of the contrastive model."""
 
@@ -76,7 +87,6 @@ class ContrastiveTask:
         self.mesh = mesh
         c = config.contrastive
         if c.loss not in contrastive_lib.LOSSES:
-            from dalle_jax import errors  # pylint: disable=g-import-not-at-top
             raise errors.ConfigError("contrastive.loss", f"must be one of "
                                      f"{', '.join(contrastive_lib.LOSSES)}; got {c.loss!r}")
         self.model_config = model_config(config)

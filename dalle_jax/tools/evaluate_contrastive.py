@@ -56,16 +56,9 @@ def main(argv):
     report["seconds"] = round(time.perf_counter() - start, 1)
     output = _OUTPUT.value or os.path.join(workdir, "evaluation.json")
     files.atomic_write(output, json.dumps(report, indent=1) + "\n")
-    r = report["retrieval"]
-    print(f"{_SPLIT.value}, {r['pairs']} pairs, step {model.step}:")
-    for way in ("image_to_text", "text_to_image"):
-        print(f"  {way.replace('_', ' ')}: R@1 {100 * r[way + '_r@1']:.1f}%  "
-              f"R@5 {100 * r[way + '_r@5']:.1f}%  R@10 {100 * r[way + '_r@10']:.1f}%")
-    z = report.get("zero_shot")
-    if z and z.get("images"):
-        print(f"  zero-shot on {z['images']} lone objects: " + ", ".join(
-            f"{a} {100 * z[a]:.1f}% (chance {100 * z[a + '_chance']:.0f}%)"
-            for a in ("colour", "shape", "cell")))
+    print(f"step {model.step}:")
+    print("\n".join(contrastive.reranker_lines(_SPLIT.value, report["retrieval"],
+                                              report.get("zero_shot"))))
     print(f"wrote {output}")
 
 
