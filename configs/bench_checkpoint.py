@@ -33,15 +33,14 @@ def get_config(arg=None):
     config = _config("bench_transformer", "runlocal" if arg.runlocal else None)
     del config.bench, config.targets
     config.big = _config("transformer_photos", None)  # the 12B preset
-    chips = 1
-    for axis in ("fsdp", "tensor"):
-        chips *= config.big.mesh[axis]
+    # The preset spreads its state over the whole slice (fsdp -1); the smallest slice
+    # it fits is a v5e-256 (tools/compile, BENCHMARKS.md "Scale").
+    chips = 256
     config.bench = ml_collections.ConfigDict(dict(
         repeats=9,  # saves timed with and without checksums, alternated; medians
         shard_repeats=3,
-        chips_per_host=4,  # TPU v4 / v5p hosts
-        # The smallest slice holding the preset's mesh (fsdp x tensor chips, one data
-        # replica); the checkpoint is written once, spread over its hosts.
+        chips_per_host=4,  # TPU v4, v5p and v5e pod hosts
+        # The checkpoint is written once, spread over the hosts of that slice.
         hosts_12b=chips // 4,
         max_shard_bytes=10**13,  # no cap
     ))

@@ -18,8 +18,16 @@ weights 1/8 text, 7/8 image; AdamW (0.9, 0.96), eps 1e-8, weight decay 4.5e-2, g
 clipping at norm 4; a linear warm-up to 4.5e-4 over 5000 updates, then five halvings
 (the paper halved at plateaus of the training loss; here at fixed steps); batch 1024,
 430k updates. Caption dropout and guided summaries are this project's additions for
-classifier-free guidance. The model builds abstractly and shards anywhere; it trains
-on a pod (the mesh below: fsdp 16 x tensor 4, data over the rest).
+classifier-free guidance.
+
+The model builds abstractly and shards anywhere. The mesh below splits every parameter,
+moment and EMA over the whole slice (fsdp) and each layer's heads and MLP over pairs of
+chips (tensor 2: the 62 heads split in two, not in four); with full rematerialisation
+the step fits a v5e-256 slice (16 GiB per chip). Check a slice before using it, on any
+machine:
+
+  python -m dalle_jax.tools.compile --config=configs/transformer_photos.py \
+      --topology=v5litepod-256 [--search]
 
 Arguments after ':' (comma-separated): coco (tfds coco_captions), runlocal (64 px
 photos, 8x8 codes over 512 as configs/image_tokenizer_photos.py:runlocal makes them, a
@@ -85,10 +93,10 @@ def get_config(arg=None):
         b1=0.9, b2=0.96, eps=1e-8, weight_decay=4.5e-2, grad_clip_norm=4.0,
         no_decay=(r"(^|/)bias(/|$)", r"(^|/)scale(/|$)", r"embedding"))
     config.train.update(ema_decay=0.99, compute_dtype="bfloat16",
-                        remat_policy="dots_no_batch", log_every=100, eval_every=10_000,
+                        remat_policy="full", log_every=100, eval_every=10_000,
                         summary_every=10_000)
     config.checkpoint.update(save_every=1_000, keep_every=50_000)
-    config.mesh.update(data=-1, fsdp=16, tensor=4)
+    config.mesh.update(data=1, fsdp=-1, tensor=2)
 
     if arg.runlocal:
         config.batch_size = 8

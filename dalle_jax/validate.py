@@ -753,6 +753,16 @@ def text_tokenizer_path(value, ctx):
     return file_problem(value)
 
 
+def compiled_step(value, ctx):
+    """A step saved by tools.compile --save, when one is named (empty: compile here)."""
+    del ctx
+    if not value:
+        return None
+    problem = existing_file_problem(value)
+    return f"{problem} (write it with python -m dalle_jax.tools.compile --save)" if problem \
+        else None
+
+
 def coordinator(value, ctx):
     """A multi-process run started by hand names every process."""
     if not value:
@@ -867,6 +877,8 @@ RULES: dict[str, Rule] = {
     "train.log_every": rule(NON_NEGATIVE_INT),
     "train.eval_every": rule(NON_NEGATIVE_INT),
     "train.summary_every": rule(NON_NEGATIVE_INT),
+    "train.watchdog_seconds": rule(NON_NEGATIVE_NUMBER),  # 0 disables
+    "train.compiled_step": rule(compiled_step, jobs=("train",), io=True),
     "checkpoint.save_every": rule(POSITIVE_INT),
     "checkpoint.max_to_keep": rule(POSITIVE_INT),
     "checkpoint.keep_every": rule(NON_NEGATIVE_INT),
@@ -1043,6 +1055,15 @@ RULES: dict[str, Rule] = {
     "bench.chips_per_host": rule(POSITIVE_INT),
     "bench.hosts_12b": rule(POSITIVE_INT),
     "bench.max_shard_bytes": rule(POSITIVE_INT),
+    "bench.slices": rule(tuple_of(text, nonempty=True, what="a tuple of accelerator types")),
+    "bench.smallest_generation": rule(one_of(("v4", "v5p", "v5litepod", "v5e", "v6e"))),
+    "bench.smallest_chips": rule(tuple_of(POSITIVE_INT, nonempty=True,
+                                          what="a tuple of chip counts")),
+    "bench.policies": rule(tuple_of(one_of(REMAT_POLICIES), nonempty=True,
+                                    what="a tuple of remat policies")),
+    "bench.largest_model_slices": rule(tuple_of(text, what="a tuple of accelerator types")),
+    "bench.layer_step": rule(POSITIVE_INT),
+    "bench.max_layers": rule(POSITIVE_INT),
     # What a job needs from its config: splits that exist, paths it reads and writes.
     # A key with a second, job-specific rule is written "<key>@<what>"; both apply.
     "inputs.split@exists": rule(split_name, jobs=("show_inputs",), io=True),
@@ -1115,6 +1136,7 @@ JOBS = {
     "encode_dataset": Job("stage1_run", writes_workdir=False),
     "convert_images": Job(None),
     "convert_openai_dvae": Job(None),
+    "compile": Job(None),  # compiles from shapes: no data, no run directory
     "bench": Job("scratch", workdir_required=False, config_required=False,
                  takes_commands=True),
     # Flags only (no --config): their mistakes are refused by the jobs themselves.

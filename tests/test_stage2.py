@@ -75,15 +75,15 @@ def test_code_shards_that_do_not_match_the_model_are_refused(shards, tmp_path):
     config = _config(directory, info)
     config.model.image_grid = (8, 8)
     with pytest.raises(ValueError, match=r"hold \(4, 4\) grids but config.model.image_grid"):
-        stage2.TransformerTask(config, str(tmp_path), None)
+        stage2.TransformerTask(config, str(tmp_path), None).train_data()
     config = _config(directory, info)
     config.model.image_vocab_size = 32
     with pytest.raises(ValueError, match="use 64 codes but config.model.image_vocab_size"):
-        stage2.TransformerTask(config, str(tmp_path), None)
+        stage2.TransformerTask(config, str(tmp_path), None).train_data()
     config = _config(directory, info)
     config.data.source = "captioned_shapes"
     with pytest.raises(ValueError, match="set config.stage2.image_tokenizer"):
-        stage2.TransformerTask(config, str(tmp_path), None)
+        stage2.TransformerTask(config, str(tmp_path), None).train_data()
 
 
 @pytest.fixture(scope="module")

@@ -282,3 +282,150 @@ def test_checkpoints_keep_the_last_n_and_every_kth(tmp_path):
     assert step == 8 and data_state == {"index": 8}
     np.testing.assert_array_equal(restored["w"], tree["w"])
     checkpoints.close()
+
+
+# --- the hang watchdog ---------------------------------------------------------------------
+
+_BLOCKED = """
+import threading
+from dalle_jax.train import watchdog
+dog = watchdog.Watchdog({seconds})
+dog.arm()
+dog.progress(5)
+dog.doing("train step 6 to finish")
+print("blocking", flush=True)
+threading.Event().wait()  # like a collective whose peer died: never returns
+"""
+
+
+def test_watchdog_ends_a_blocked_process_with_its_step_and_stacks():
+    import subprocess
+    import sys
+    import time
+    from dalle_jax.train import watchdog as watchdog_lib
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", _BLOCKED.format(seconds=1.0)],
+                            capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode == watchdog_lib.EXIT_CODE == 3, result.stderr
+    assert "blocking" in result.stdout and elapsed >= 1.0
+    assert "watchdog: no training progress for " in result.stderr, result.stderr
+    assert "last completed step 5; waiting on: train step 6 to finish" in result.stderr
+    assert "exiting with status 3" in result.stderr
+    # faulthandler's dump of every thread, the blocked main thread included.
+    assert "most recent call first" in result.stderr
+    assert 'File "<string>", line 9 in <module>' in result.stderr, result.stderr
+
+
+def _wait_for(predicate, seconds=10.0):
+    import time
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_watchdog_progress_keeps_it_quiet_and_stop_ends_it():
+    import threading
+    import time
+    from dalle_jax.train import watchdog as watchdog_lib
+    fired = []
+    dog = watchdog_lib.Watchdog(0.3, on_expire=fired.append)
+    dog.progress(1)  # before arming: no thread, nothing can fire
+    assert not dog.armed
+    dog.arm()
+    assert dog.armed
+    for step in range(2, 12):  # 1 s of steps, 0.1 s apart
+        time.sleep(0.1)
+        dog.progress(step)
+    assert fired == []
+    dog.stop()
+    assert not dog.armed
+    assert not any(t.name == "training-watchdog" for t in threading.enumerate())
+    time.sleep(0.5)
+    assert fired == [], "a stopped watchdog never fires"
+
+
+def test_watchdog_fires_after_the_deadline_without_progress():
+    import time
+    from dalle_jax.train import watchdog as watchdog_lib
+    fired = []
+    dog = watchdog_lib.Watchdog(0.2, on_expire=fired.append)
+    dog.arm()
+    started = time.monotonic()
+    dog.progress(7)
+    dog.doing("the checkpoint save of step 8")
+    assert _wait_for(lambda: fired)
+    assert time.monotonic() - started >= 0.2
+    assert "last completed step 7; waiting on: the checkpoint save of step 8" in fired[0]
+    assert _wait_for(lambda: not dog.armed), "the thread ends once it has fired"
+
+
+def test_watchdog_disabled_at_zero():
+    import time
+    from dalle_jax.train import watchdog as watchdog_lib
+    fired = []
+    dog = watchdog_lib.Watchdog(0, on_expire=fired.append)
+    assert not dog.enabled
+    dog.arm()
+    dog.progress(3)
+    assert not dog.armed and dog._thread is None  # pylint: disable=protected-access
+    time.sleep(0.1)
+    dog.stop()
+    assert fired == []
+    assert core_defaults_watchdog() == 1800.0
+
+
+def core_defaults_watchdog():
+    from dalle_jax.train import defaults
+    return defaults.core_config().train.watchdog_seconds
+
+
+class _StallingTask(toy_task.ToyTask):
+    """The toy task whose input blocks before step ``stall_at`` until released."""
+
+    def __init__(self, *args, stall_at, release, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stall_at, self.release = stall_at, release
+
+    def train_data(self):
+        data, task = super().train_data(), self
+
+        class Stalling:
+            def __next__(self):
+                if data.index + 1 == task.stall_at:
+                    task.release.wait(60)
+                return next(data)
+
+            def __getattr__(self, name):
+                return getattr(data, name)
+
+        return Stalling()
+
+
+@pytest.mark.slow
+def test_the_loop_feeds_arms_and_stops_the_watchdog(tmp_path, monkeypatch):
+    """A stalled input at step 5: the watchdog names the last fetched step (3: metrics
+    arrive a step late) and what the loop waits on; progress resumes, the run ends and
+    the watchdog's thread with it."""
+    import functools
+    import threading
+    from dalle_jax.train import watchdog as watchdog_lib
+    release, messages = threading.Event(), []
+
+    def expire(message):
+        messages.append(message)
+        release.set()
+
+    monkeypatch.setattr(trainer.watchdog_lib, "Watchdog",
+                        functools.partial(watchdog_lib.Watchdog, on_expire=expire))
+    config = _config((8, 1, 1), watchdog_seconds=1.0)
+    config.total_steps = 6
+    config.checkpoint.save_every = 100  # a first save may take over a second here
+    task = _StallingTask(config, str(tmp_path), None, stall_at=5, release=release)
+    state = trainer.train_and_evaluate(config, str(tmp_path), task=task,
+                                       console=lambda s: None)
+    assert int(state.step) == 6
+    assert len(messages) == 1, messages
+    assert "last completed step 3; waiting on: the input batch of step 5" in messages[0]
+    assert not any(t.name == "training-watchdog" for t in threading.enumerate())

@@ -167,6 +167,14 @@ class ToyTask:
         tokens = jnp.zeros((1, c.text.text_len), jnp.int32)
         return self.model.init(rng, image, tokens)
 
+    def batch_spec(self, batch_size):
+        c = self.config
+        size = c.data.image_size
+        return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
+                "text_tokens": jax.ShapeDtypeStruct((batch_size, c.text.text_len),
+                                                    jnp.int32),
+                "mask": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
+
     def loss(self, params, model_state, batch, rng, *, train, step):
         del rng, train, step
         image = batch["image"]

@@ -1,6 +1,6 @@
 """Benchmarks: one module per benchmark, the JSON record of a run, the results page.
 
-``python -m dalle_jax.tools.bench <input|dvae|transformer|checkpoint|generate|all|report>`` runs them;
+``python -m dalle_jax.tools.bench <input|dvae|transformer|checkpoint|generate|scale|all|report>`` runs them;
 each benchmark reads ``configs/bench_<name>.py`` (its targets included) and writes
 ``benchmarks/<name>.json``, from which ``BENCHMARKS.md`` is rendered.
 """
@@ -44,4 +44,11 @@ BENCHMARKS = {b.name: b for b in (
               "generate path with PNG writing and the generate command as a fresh process, "
               "side by side at one batch size; and the time of each stage of make demo.",
               "dalle_jax.bench.generate"),
+    Benchmark("scale", "Scale: the 12B model on TPU slices",
+              "The paper's 12B transformer at the paper's global batch of 1024, its train "
+              "step compiled ahead of time for TPU slices on this CPU host (libtpu; "
+              "tools/compile): per-chip memory against HBM with the config's mesh and "
+              "rules, the smallest v5e slice that holds it, and the largest model of the "
+              "paper's shape each slice holds.",
+              "dalle_jax.bench.scale"),
 )}

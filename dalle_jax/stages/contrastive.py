@@ -114,6 +114,14 @@ class ContrastiveTask:
     def init(self, rng):
         return init_variables(self.model, rng)
 
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and types of a training batch of ``batch_size`` rows."""
+        cfg = self.model_config
+        return {"image": jax.ShapeDtypeStruct(
+                    (batch_size, cfg.image_size, cfg.image_size, 3), jnp.uint8),
+                "text_tokens": jax.ShapeDtypeStruct((batch_size, cfg.text_len), jnp.int32),
+                "mask": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
+
     def loss(self, params, model_state, batch, rng, *, train: bool, step):
         del rng, step
         tokens = batch["text_tokens"].astype(jnp.int32)

@@ -105,6 +105,11 @@ class ImageTokenizerTask:
     def init(self, rng):
         return init_variables(self.model, self.config.data.image_size, rng)
 
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and types of a training batch of ``batch_size`` rows."""
+        return {"image": jax.ShapeDtypeStruct((batch_size,) + self.image_shape, jnp.uint8),
+                "mask": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
+
     def loss(self, params, model_state, batch, rng, *, train: bool, step):
         s = self.config.stage1
         x = batch["image"].astype(jnp.float32) / 255.0

@@ -132,7 +132,6 @@ class TransformerTask:
                             s.text_loss_weight + s.image_loss_weight)
         self._tokenizer = None
         self._image_tokenizer = None
-        self._check_data()
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -189,6 +188,14 @@ class TransformerTask:
     def init(self, rng):
         return init_variables(self.model, rng)
 
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and types of a training batch of ``batch_size`` rows (code shards)."""
+        cfg = self.model_config
+        return {"text_tokens": jax.ShapeDtypeStruct((batch_size, cfg.text_len), jnp.int32),
+                "codes": jax.ShapeDtypeStruct(
+                    (batch_size, cfg.image_height, cfg.image_width), jnp.int32),
+                "mask": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
+
     def loss(self, params, model_state, batch, rng, *, train: bool, step):
         del rng, train, step
         text = batch["text_tokens"].astype(jnp.int32)
@@ -211,9 +218,11 @@ class TransformerTask:
         return pipeline
 
     def train_data(self):
+        self._check_data()
         return self._pipeline("train", train=True)
 
     def eval_data(self):
+        self._check_data()
         return self._pipeline(self.config.stage2.eval_split, train=False)
 
     def summaries(self, params, model_state, batch) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ CONFIG_FIELDS = {
     "convert_images": ("input_dir", "manifest", "output_dir"),
     "convert_openai_dvae": ("encoder_pkl", "decoder_pkl", "output_dir", "model"),
     "bench": ("runlocal", "known_gap"),
+    "compile": ("task", "model", "optimizer", "train", "mesh", "sharding"),
     # Flags only, no --config.
     "export": (),
     "generate": (),
@@ -44,4 +45,5 @@ CONFIG_KINDS = {
     "convert_images": "configs/convert_images.py",
     "convert_openai_dvae": "configs/image_tokenizer_openai.py",
     "bench": "a benchmark config (configs/bench_*.py)",
+    "compile": "a stage config (configs/image_tokenizer_*.py, configs/transformer_*.py)",
 }

@@ -6,6 +6,10 @@ Rerunning the same command in the same workdir resumes from the latest checkpoin
 Several processes (one per host) run the same command; on Cloud TPU pods and SLURM
 they find each other automatically, elsewhere pass --coordinator_address,
 --num_processes and --process_id. SIGTERM saves at the current step and exits 0.
+
+Exit status: 0 done (or stopped by a signal, saved); 1 an error (such as too many
+non-finite updates); 2 a mistake in the command; 3 the hang watchdog ended the process
+(no step completed for config.train.watchdog_seconds, e.g. another process died).
 """
 from __future__ import annotations
 

@@ -62,6 +62,17 @@ def core_config() -> ml_collections.ConfigDict:
         log_every=50,
         eval_every=0,  # 0: only at the end
         summary_every=0,  # image summaries; 0 disables
+        # Hang watchdog (dalle_jax.train.watchdog): a process in which nothing completes
+        # for this long (a step, an evaluation batch, a checkpoint save; e.g. a
+        # collective waiting for a dead worker) logs the last completed step and what it
+        # was waiting on, dumps its Python stacks and exits with status 3. Armed after
+        # the first step, so start-up, restore and compilation are not counted. Generous,
+        # for pods whose saves and evaluations are slow; 0 disables.
+        watchdog_seconds=1800.0,
+        # A train step compiled ahead of time for this config and slice
+        # (python -m dalle_jax.tools.compile --save=FILE): the run loads it instead of
+        # compiling, after checking it is the same program. Empty: compile here.
+        compiled_step="",
     ))
 
     config.checkpoint = ml_collections.ConfigDict(dict(

@@ -117,6 +117,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def indivisible_arrays(tree) -> list[str]:
+    """One line per array of ``tree`` (leaves with a ``NamedSharding``) whose shape its
+    sharding does not split evenly: the path, the shape and the mesh axes at fault."""
+    problems = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        sharding = getattr(leaf, "sharding", None)
+        if not isinstance(sharding, NamedSharding):
+            continue
+        for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
+            if axes is None:
+                continue
+            axes = axes if isinstance(axes, tuple) else (axes,)
+            parts = math.prod(sharding.mesh.shape[a] for a in axes)
+            if size % parts:
+                problems.append(
+                    f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} "
+                    f"({size}) does not split over {' x '.join(axes)} ({parts})")
+    return problems
+
+
 def sharding_report(tree, *, min_size: int = 2**14) -> list[dict[str, Any]]:
     """Per large array: path, shape, spec and the fraction each device holds."""
     rows = []

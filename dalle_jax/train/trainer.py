@@ -5,7 +5,7 @@ optionally, its FLOPs per example and image summaries. Everything else happens h
 in the order the data flows:
 
     logging → mesh → input → model and optimizer → sharding → step → checkpoint
-    → loop (metrics one step late, evals, saves, preemption)
+    → loop (metrics one step late, evals, saves, preemption, hang watchdog)
 
 Restarting the same command in the same workdir resumes from the latest checkpoint,
 data iterators included, so the run continues exactly as if uninterrupted.
@@ -32,6 +32,7 @@ from dalle_jax.train import metrics as metrics_lib
 from dalle_jax.train import optimizer as optimizer_lib
 from dalle_jax.train import sharding as sharding_lib
 from dalle_jax.train import step as step_lib
+from dalle_jax.train import watchdog as watchdog_lib
 
 
 class DataIterator(Protocol):
@@ -111,6 +112,16 @@ def train_and_evaluate(config, workdir: str, *, task: Task | None = None,
 
 
 def _train(config, workdir, task, devices, console, resources) -> Any:
+    # Ends this process (exit status watchdog_lib.EXIT_CODE) when nothing completes for
+    # config.train.watchdog_seconds, e.g. a collective waiting for a dead process. Armed
+    # when the first step's metrics arrive: start-up, restore and the first step's
+    # compile are never watched. Progress: a step's metrics fetched (the fetch waits
+    # for the device), each evaluation batch, the end of a checkpoint save or of the
+    # image summaries; so one save, one evaluation batch or the summaries must each take
+    # less than the limit. It is stopped last, so that the clean-up (waiting for the
+    # final save) is watched too.
+    watchdog = watchdog_lib.Watchdog(config.train.get("watchdog_seconds", 0))
+    resources.callback(watchdog.stop)
     # ---------------------------------------------------------------- mesh
     mesh = sharding_lib.make_mesh(config.mesh, devices)
     rules = sharding_lib.logical_rules(config.sharding)
@@ -182,6 +193,11 @@ def _train(config, workdir, task, devices, console, resources) -> Any:
                                     num_steps=config.profile.num_steps)
     resources.callback(profiler.close)
     preemption = distributed.PreemptionWatcher(checkpointer)
+    # Run first when the run ends (callbacks run in reverse): the clean-up gets a whole
+    # period of its own, under its own name.
+    resources.callback(watchdog.doing, "the clean-up at the end of the run (the "
+                       "checkpoint in flight, the input's threads)")
+    resources.callback(watchdog.progress)
     log_every = max(1, config.train.log_every)
     train_metrics: list[dict[str, float]] = []
     timing_started = False
@@ -192,6 +208,8 @@ def _train(config, workdir, task, devices, console, resources) -> Any:
         if fetched is None:
             return
         done_step, values = fetched
+        watchdog.progress(done_step)
+        watchdog.arm()  # once: from the first completed step on
         if values["nonfinite_streak"] >= config.train.max_nonfinite_steps:
             raise NonFiniteError(
                 f"{int(values['nonfinite_streak'])} consecutive updates up to step "
@@ -214,7 +232,9 @@ def _train(config, workdir, task, devices, console, resources) -> Any:
 
     def stop(step: int, during: str = ""):
         """Saves ``step`` (unless saved already), waits for it and reports."""
+        watchdog.doing(f"train step {step} to finish, before the preemption save")
         handle(fetcher.flush())
+        watchdog.doing(f"the preemption save of step {step}")
         checkpointer.save(step, state, train_data.get_state(), force=True)
         checkpointer.wait_until_finished()
         console(f"preempted ({signals.requested() or 'preemption notice'}{during}): saved "
@@ -227,8 +247,11 @@ def _train(config, workdir, task, devices, console, resources) -> Any:
     with signals.deferred():
         while step < config.total_steps:
             profiler.step(step)
+            watchdog.doing(f"the input batch of step {step + 1}")
             batch = next(train_data)
             device_batch = sharding_lib.make_global_batch(batch, mesh)
+            watchdog.doing(f"train step {step} to finish, step {step + 1} being dispatched"
+                           if step else "train step 1")
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
                 state, step_metrics = training.train_step(state, device_batch, base_rng)
             step += 1
@@ -236,7 +259,9 @@ def _train(config, workdir, task, devices, console, resources) -> Any:
             checkpointer.poll()
 
             if checkpointer.should_save(step):
+                watchdog.doing(f"the checkpoint save of step {step} (and the save before)")
                 checkpointer.save(step, state, train_data.get_state())
+                watchdog.progress()
             if preemption.should_stop(step):
                 return stop(step)
             summarize = config.train.summary_every and step % config.train.summary_every == 0
@@ -245,29 +270,41 @@ def _train(config, workdir, task, devices, console, resources) -> Any:
                 try:
                     with signals.interruptible():
                         if summarize:
+                            watchdog.doing(f"the image summaries at step {step}")
                             # The parameters evaluation uses: the EMA when the run keeps one.
                             params = (state.ema_params if state.ema_params is not None
                                       else state.params)
                             writer.write_images(step, task.summaries(
                                 params, state.model_state, batch))
+                            watchdog.progress()
                         if evaluating:
+                            watchdog.doing(f"the evaluation at step {step}")
                             evaluate(task, state, training, mesh, rules, writer, step,
-                                     console)
+                                     console, progress=watchdog.progress)
+                            watchdog.progress()
                 except signals.Stop:
                     return stop(step, during=" during an evaluation")
+        watchdog.doing(f"the last train step ({step}) to finish")
         handle(fetcher.flush())
+        watchdog.doing(f"the final checkpoint save of step {step}")
         checkpointer.save(step, state, train_data.get_state(), force=True)
+        watchdog.progress()
         try:
             with signals.interruptible():
-                evaluate(task, state, training, mesh, rules, writer, step, console)
+                watchdog.doing(f"the final evaluation at step {step}")
+                evaluate(task, state, training, mesh, rules, writer, step, console,
+                         progress=watchdog.progress)
         except signals.Stop:
             return stop(step, during=" during the final evaluation")
     return state
 
 
 def evaluate(task: Task, state, training: "Training", mesh, rules, writer, step: int,
-             console=print) -> dict:
-    """Mean eval metrics (EMA parameters when kept) over one pass of the eval data."""
+             console=print, progress: Callable[[], Any] | None = None) -> dict:
+    """Mean eval metrics (EMA parameters when kept) over one pass of the eval data.
+
+    ``progress()`` is called after each batch's metrics are fetched (the watchdog's
+    sign of life)."""
     data = task.eval_data()
     if data is None:
         return {}
@@ -285,6 +322,8 @@ def evaluate(task: Task, state, training: "Training", mesh, rules, writer, step:
             for key, value in {"loss": loss, **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * rows
             count += rows
+            if progress is not None:
+                progress()
     finally:
         close_data(data)
     results = {k: v / max(count, 1.0) for k, v in totals.items()}
@@ -315,12 +354,21 @@ def build(config, task: Task, mesh, rules) -> Training:
 
     # Abstract first: shapes and logical names, then mesh shardings, then a jitted
     # init that materialises every array directly in its shards.
+    # The key is made before the mesh is entered: the mesh may span compile-only
+    # devices (ahead-of-time compiles, dalle_jax.train.aot) that run nothing.
+    seed = jax.random.key(config.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract_boxed = jax.eval_shape(boxed_state, jax.random.key(config.seed))
+        abstract_boxed = jax.eval_shape(boxed_state, seed)
         state_shardings = sharding_lib.logical_shardings(abstract_boxed, mesh, rules)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         step_lib.unbox(abstract_boxed), state_shardings)
+    indivisible = sharding_lib.indivisible_arrays(abstract_state.params)
+    if indivisible:
+        raise errors.ConfigError(
+            "sharding.rules", f"with mesh {dict(mesh.shape)}, {len(indivisible)} "
+            f"parameter(s) do not split evenly, e.g. {indivisible[0]}; change config.mesh "
+            "or the rules")
     init = jax.jit(lambda rng: step_lib.unbox(boxed_state(rng)),
                    out_shardings=state_shardings)
 
@@ -336,6 +384,13 @@ def build(config, task: Task, mesh, rules) -> Training:
         in_shardings=(state_shardings, batch_sharding, replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,))
+    if config.train.get("compiled_step"):
+        from dalle_jax.train import aot  # pylint: disable=g-import-not-at-top
+        training = Training(abstract_state, state_shardings, init, train_step, None,
+                            schedule)
+        train_step = aot.load_train_step(config.train.compiled_step, training, task,
+                                         config, mesh, rules)
+        logging.info("train step loaded from %s", config.train.compiled_step)
     eval_step = jax.jit(
         lambda params, model_state, batch, step: task.loss(
             params, model_state, batch, jax.random.key(0), train=False, step=step)[:2],
