@@ -13,6 +13,7 @@ import pytest
 from dalle_jax import config as config_lib
 from dalle_jax import errors
 from dalle_jax.train import aot
+from dalle_jax.train import compiled
 from dalle_jax.train import sharding as sharding_lib
 from dalle_jax.train import trainer
 
@@ -136,7 +137,7 @@ def test_a_saved_step_runs_as_the_jitted_step(tmp_path):
     report = aot.compile_train_step(config, devices, sample_batch=0, for_saving=True)
     path = str(tmp_path / "train_step.jaxexec")
     aot.save(report.step, path, {"topology": "cpu"})
-    loaded, metadata = aot.load(path)
+    loaded, metadata = compiled.load(path)
     assert metadata == {"topology": "cpu"}
 
     mesh = sharding_lib.make_mesh(config.mesh, devices)

@@ -33,6 +33,7 @@ IS_ROOT = os.geteuid() == 0
 # The ':arg' variants each config file documents (every file must be listed).
 VARIANTS = {
     "bench_checkpoint.py": ["", "runlocal"],
+    "bench_scale.py": ["", "runlocal"],
     "bench_generate.py": ["", "runlocal"],
     "bench_dvae.py": ["", "runlocal"],
     "bench_input.py": ["", "runlocal"],

@@ -8,8 +8,8 @@ and verified before a resume restores it (``dalle_jax.train.checkpoint``). Measu
   ``save()`` and the time until the step and its checksums are on disk;
 - hashing and verifying that step alone, as GB/s;
 - one file the size of the 12B preset's per-host share of a checkpoint (its train
-  state over the hosts of the smallest slice its mesh fits), hashed as a resume
-  verifies it.
+  state over the hosts of the slice ``config.bench.hosts_12b`` counts), hashed as a
+  resume verifies it.
 """
 from __future__ import annotations
 

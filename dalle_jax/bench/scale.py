@@ -17,6 +17,7 @@ own figure and a step that does not fit is one the compiler refused. Measured:
 from __future__ import annotations
 
 from importlib import metadata
+import json
 from typing import Any, Callable
 
 import ml_collections
@@ -187,6 +188,8 @@ def measure(config: ml_collections.ConfigDict, *, workdir: str,
         figures.append(record.figure(f"compile time on this host ({first_compile[0]})",
                                      first_compile[1], "s",
                                      note="XLA:TPU compiling the train step on this CPU"))
+    # As the record's JSON holds it (tuples become lists).
+    details = json.loads(json.dumps(details))
     return {"figures": figures, "details": details,
             "machine": {"libtpu": _libtpu_version()}}
 

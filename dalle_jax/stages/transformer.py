@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 from absl import logging
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +28,7 @@ from dalle_jax.data import pipeline as pipeline_lib
 from dalle_jax.data import text_tokenizer
 from dalle_jax.models import transformer as transformer_lib
 from dalle_jax.sampling import sampler as sampler_lib
+from dalle_jax.train import sharding as sharding_lib
 
 
 def model_config(config) -> transformer_lib.TransformerConfig:
@@ -195,6 +197,22 @@ class TransformerTask:
                 "codes": jax.ShapeDtypeStruct(
                     (batch_size, cfg.image_height, cfg.image_width), jnp.int32),
                 "mask": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
+
+    def lower_sample_step(self, params, mesh, rules, rows: int):
+        """The KV-cached sampler over ``rows`` prompts with the config's settings, lowered
+        for ``mesh`` from ``params``' shapes (ahead-of-time compiles, dalle_jax.train.aot)."""
+        cfg = self.model_config
+        s = self.config.stage2.sample
+        settings = sampler_lib.SamplingSettings(
+            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+            guidance_scale=s.guidance_scale)
+        batch = sharding_lib.batch_sharding(mesh)
+        text = jax.ShapeDtypeStruct((rows, cfg.text_len), jnp.int32, sharding=batch)
+        prime = jax.ShapeDtypeStruct((rows, cfg.image_len), jnp.int32, sharding=batch)
+        keys = jax.ShapeDtypeStruct((rows, 2), jnp.uint32, sharding=batch)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return sampler_lib.sample_cached.lower(self.model, params, text, prime, keys,
+                                                   settings=settings)
 
     def loss(self, params, model_state, batch, rng, *, train: bool, step):
         del rng, train, step

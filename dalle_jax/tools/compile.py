@@ -20,8 +20,9 @@ chips) or ``cpu`` (this host's devices).
 
 Exit status: 0 when the train step fits, 1 when it does not (the compiler ran out of a
 chip's memory, or the step's total exceeds the chip's HBM), 2 for a mistake in the
-command or the config. A sampling step that does not fit is reported, not counted. ``--save`` writes the compiled
-step (dalle_jax.train.aot.load reads it back on the slice).
+command or the config. A sampling step that does not fit is reported, not counted.
+``--save`` writes the compiled step; a run on the slice loads it with
+``--config.train.compiled_step=FILE`` (dalle_jax.train.compiled).
 """
 from __future__ import annotations
 
@@ -167,7 +168,7 @@ def main(argv):
                 "remat_policy": result.remat_policy,
                 "num_microbatches": result.num_microbatches,
                 "largest_batch": result.largest_batch,
-                "tried": [[u, ok] for u, ok in result.tried],
+                "tried": result.tried,
                 "report": report_json(result.report, slice_, _MFU.value)}, indent=2))
         return
 

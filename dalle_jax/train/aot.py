@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
-import pickle
 import re
 import time
 from typing import Any, Callable, Sequence
@@ -29,7 +27,7 @@ import ml_collections
 
 import dalle_jax
 from dalle_jax import errors
-from dalle_jax import files
+from dalle_jax.train import compiled as compiled_lib
 from dalle_jax.train import metrics as metrics_lib
 from dalle_jax.train import sharding as sharding_lib
 
@@ -274,20 +272,6 @@ def _compile(name: str, lower: Callable[[], Any], *, fresh: bool = False) -> Ste
     return StepReport(name, Memory.of(compiled), seconds, flops, compiled)
 
 
-def abstract_inputs(training, task, config, mesh) -> tuple[Any, dict, Any]:
-    """The train step's arguments as shapes with their shardings: (state, batch, rng)."""
-    batch_sharding = sharding_lib.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-             for k, v in task.batch_spec(config.batch_size).items()}
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding_lib.replicated(mesh))
-    return training.abstract_state, batch, rng
-
-
-def program_fingerprint(lowered) -> str:
-    """sha256 of a lowered step's program text: equal programs, equal fingerprints."""
-    return hashlib.sha256(lowered.as_text().encode()).hexdigest()
-
-
 def check_batch(config, mesh) -> None:
     """The global batch must split over the mesh's batch axes and the micro-batches."""
     shards = sharding_lib.batch_shard_count(mesh)
@@ -318,7 +302,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
     rules = sharding_lib.logical_rules(config.sharding)
     task = _make_task(config, mesh)
     training = trainer.build(config, task, mesh, rules)
-    inputs = abstract_inputs(training, task, config, mesh)
+    inputs = compiled_lib.abstract_inputs(training, task, config, mesh)
     lowered = []
 
     def lower_train():
@@ -326,8 +310,11 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
             lowered.append(training.train_step.lower(*inputs))
         return lowered[-1]
 
-    step = _compile("train_step", lower_train, fresh=for_saving)
-    step.fingerprint = program_fingerprint(lowered[-1])
+    # Compile-only devices (a TPU slice described here) cannot load what jax's
+    # persistent cache holds for them, nor use what would be written: skip it.
+    compile_only = devices[0] not in jax.devices()
+    step = _compile("train_step", lower_train, fresh=for_saving or compile_only)
+    step.fingerprint = compiled_lib.program_fingerprint(lowered[-1])
     params = training.abstract_state.params
     report = TrainReport(
         step=step, mesh=dict(mesh.shape), rules=rules, batch_size=config.batch_size,
@@ -338,37 +325,16 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
                               if task.flops_per_example else None),
         peak_flops_per_chip=metrics_lib.device_peak_flops(
             devices[0], jnp.dtype(config.train.compute_dtype)))
-    if hasattr(task, "model_config") and config.task == "dalle_jax.stages.transformer":
+    if hasattr(task, "lower_sample_step"):  # stage 2: its KV-cached sampler too
         rows = sharding_lib.batch_shard_count(mesh) if sample_batch is None else sample_batch
+        if rows % sharding_lib.batch_shard_count(mesh):
+            raise errors.UserError(f"--sample_batch: {rows} rows do not split over the "
+                                   f"{sharding_lib.batch_shard_count(mesh)} batch shards")
         if rows:
-            report.sample = _compile_sample_step(config, task, mesh, rules, params, rows)
+            report.sample = _compile("sample_step", lambda: task.lower_sample_step(
+                params, mesh, rules, rows), fresh=compile_only)
             report.sample_batch = rows
     return report
-
-
-def _compile_sample_step(config, task, mesh, rules, params, rows: int) -> StepReport:
-    """The KV-cached sampler over ``rows`` prompts, with the config's guidance."""
-    from dalle_jax.sampling import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-    cfg = task.model_config
-    s = config.stage2.sample
-    settings = sampler_lib.SamplingSettings(
-        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-        guidance_scale=s.guidance_scale)
-    shards = sharding_lib.batch_shard_count(mesh)
-    if rows % shards:
-        raise errors.UserError(f"--sample_batch: {rows} rows do not split over the "
-                               f"{shards} batch shards")
-    batch = sharding_lib.batch_sharding(mesh)
-    text = jax.ShapeDtypeStruct((rows, cfg.text_len), jnp.int32, sharding=batch)
-    prime = jax.ShapeDtypeStruct((rows, cfg.image_len), jnp.int32, sharding=batch)
-    keys = jax.ShapeDtypeStruct((rows, 2), jnp.uint32, sharding=batch)
-
-    def lower():
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return sampler_lib.sample_cached.lower(
-                task.model, params, text, prime, keys, settings=settings)
-
-    return _compile("sample_step", lower)
 
 
 # --- searching -----------------------------------------------------------------------------
@@ -430,7 +396,7 @@ def search(config, devices, hbm_bytes: int | None, *, batch_limit: int = 2**20,
             report = fits(candidate, devices, hbm_bytes)
         except errors.ConfigError:
             report = None
-        result.tried.append((updates, report is not None))
+        result.tried.append([updates, report is not None])
         label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in updates.items())
         memory = (f"{report.step.memory.total / GIB:.2f} GiB per chip" if report
                   else "does not fit")
@@ -479,63 +445,5 @@ def search(config, devices, hbm_bytes: int | None, *, batch_limit: int = 2**20,
 
 
 def save(step: StepReport, path: str, metadata: dict) -> None:
-    """Writes the compiled ``step`` (its serialised executable, argument trees and
-    program fingerprint) with ``metadata`` to ``path``, atomically."""
-    from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
-    payload, in_tree, out_tree = serialize_executable.serialize(step.compiled)
-    files.atomic_write(path, pickle.dumps({
-        "format": 1, "name": step.name, "executable": payload, "in_tree": in_tree,
-        "out_tree": out_tree, "fingerprint": step.fingerprint, "metadata": metadata}))
-
-
-def _read(path: str) -> dict:
-    try:
-        with open(path, "rb") as f:
-            record = pickle.load(f)
-    except FileNotFoundError:
-        raise errors.UserError(f"{path} not found: write it with python -m "
-                               "dalle_jax.tools.compile --save") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError):
-        record = None
-    if not isinstance(record, dict) or record.get("format") != 1:
-        raise errors.UserError(f"{path} is not a compiled step written by tools.compile")
-    return record
-
-
-def load(path: str, backend: Any = None) -> tuple[Callable, dict]:
-    """The executable :func:`save` wrote, loaded on ``backend`` (default: this process's
-    devices), and its metadata."""
-    from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
-    record = _read(path)
-    compiled = serialize_executable.deserialize_and_load(
-        record["executable"], record["in_tree"], record["out_tree"], backend=backend)
-    return compiled, record["metadata"]
-
-
-def load_train_step(path: str, training, task, config, mesh, rules) -> Callable:
-    """The saved train step, for the trainer to run instead of compiling its own.
-
-    The step must be the very program this config lowers to here (the fingerprints of
-    the lowered programs agree); otherwise, or when the executable cannot be loaded on
-    these devices, :class:`~dalle_jax.errors.ConfigError` says to compile it again.
-    """
-    from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
-    record = _read(path)
-    if not hasattr(task, "batch_spec"):
-        raise errors.ConfigError("train.compiled_step", f"{config.task} gives no batch_spec: "
-                                 "its step cannot be checked against the saved one")
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        lowered = training.train_step.lower(*abstract_inputs(training, task, config, mesh))
-    if program_fingerprint(lowered) != record["fingerprint"]:
-        raise errors.ConfigError(
-            "train.compiled_step", f"{path} holds another program than this config's train "
-            "step (the config, the code, the mesh or jax differ); compile it again with "
-            "python -m dalle_jax.tools.compile --save, or unset it")
-    try:
-        return serialize_executable.deserialize_and_load(
-            record["executable"], record["in_tree"], record["out_tree"])
-    except Exception as e:  # pylint: disable=broad-except
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise errors.ConfigError(
-            "train.compiled_step", f"{path} does not load on these devices ({first}); "
-            f"it was compiled for {record['metadata'].get('topology', 'another slice')}") from None
+    """Writes the compiled ``step`` for :mod:`dalle_jax.train.compiled` to load."""
+    compiled_lib.save(step.compiled, step.fingerprint, path, metadata, name=step.name)

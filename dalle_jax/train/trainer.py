@@ -385,10 +385,10 @@ def build(config, task: Task, mesh, rules) -> Training:
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,))
     if config.train.get("compiled_step"):
-        from dalle_jax.train import aot  # pylint: disable=g-import-not-at-top
+        from dalle_jax.train import compiled  # pylint: disable=g-import-not-at-top
         training = Training(abstract_state, state_shardings, init, train_step, None,
                             schedule)
-        train_step = aot.load_train_step(config.train.compiled_step, training, task,
+        train_step = compiled.load_train_step(config.train.compiled_step, training, task,
                                          config, mesh, rules)
         logging.info("train step loaded from %s", config.train.compiled_step)
     eval_step = jax.jit(
