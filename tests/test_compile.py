@@ -121,13 +121,7 @@ def test_mistakes_are_one_line(args, message):
 def _tiny_config(**updates):
     config = config_lib.load_config_file(TINY)
     config.model.num_layers = 1
-    for key, value in updates.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return aot.with_updates(config, **updates)
 
 
 def test_a_saved_step_runs_as_the_jitted_step(tmp_path):
@@ -173,7 +167,7 @@ def test_search_finds_accumulation_then_the_largest_batch():
     config = _tiny_config(**{"batch_size": 64})
     devices = jax.devices()
     one = aot.compile_train_step(config, devices, sample_batch=0).step.memory.total
-    two = aot.compile_train_step(aot._with(config, **{"train.num_microbatches": 2}),
+    two = aot.compile_train_step(aot.with_updates(config, **{"train.num_microbatches": 2}),
                                  devices, sample_batch=0).step.memory.total
     assert two < one
     budget = (one + two) // 2
@@ -184,7 +178,7 @@ def test_search_finds_accumulation_then_the_largest_batch():
     assert result.largest_batch is not None and result.largest_batch % 8 == 0
     assert 32 <= result.largest_batch < 64
     # The largest batch fits and one more step of the batch shards does not.
-    over = aot.fits(aot._with(config, **{"batch_size": result.largest_batch + 8,
+    over = aot.fits(aot.with_updates(config, **{"batch_size": result.largest_batch + 8,
                                           "train.remat_policy": result.remat_policy}),
                     devices, budget)
     assert over is None
@@ -197,13 +191,7 @@ def _toy_config(**updates):
     config = toy_task.get_config("synthetic")
     config.total_steps = 4
     config.checkpoint.save_every = 4
-    for key, value in updates.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return aot.with_updates(config, **updates)
 
 
 def test_training_runs_a_saved_step_instead_of_compiling(tmp_path):

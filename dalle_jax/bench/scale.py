@@ -41,7 +41,7 @@ def paper_shape(config, layers: int):
     rounded to a multiple of the tensor axis."""
     tensor = max(1, int(config.mesh.tensor))
     heads = max(tensor, round(62 * layers / 64 / tensor) * tensor)
-    return aot._with(config, **{"model.num_layers": layers, "model.num_heads": heads})
+    return aot.with_updates(config, **{"model.num_layers": layers, "model.num_heads": heads})
 
 
 def _fit_note(report: aot.TrainReport, slice_: aot.Slice) -> str:

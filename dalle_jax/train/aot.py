@@ -355,8 +355,9 @@ def fits(config, devices, hbm_bytes: int | None) -> TrainReport | None:
     return report
 
 
-def _with(config, **updates):
-    """A copy of ``config`` with dotted keys replaced (``train.remat_policy="full"``)."""
+def with_updates(config, **updates):
+    """A copy of ``config`` with dotted keys replaced: ``with_updates(config,
+    **{"train.remat_policy": "full"})``."""
     config = ml_collections.ConfigDict(config.to_dict())
     for key, value in updates.items():
         node = config
@@ -390,7 +391,7 @@ def search(config, devices, hbm_bytes: int | None, *, batch_limit: int = 2**20,
     result = SearchResult()
 
     def attempt(**updates) -> TrainReport | None:
-        candidate = _with(config, **updates)
+        candidate = with_updates(config, **updates)
         start = time.perf_counter()
         try:
             report = fits(candidate, devices, hbm_bytes)
