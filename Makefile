@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   the main job on the embedded default (captioned shapes)
+#               (make demo-upsample: the same, then the 4x diffusion upsampler)
 #   make test   the whole test suite (make test-fast: without the slow tests)
 # Both create .venv and install the package only when setup.cfg changed.
 
@@ -11,7 +12,7 @@ WORKDIR ?= runs/demo
 CONFIG ?= configs/demo.py
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench venv clean
+.PHONY: demo demo-upsample test test-fast bench venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +26,10 @@ $(STAMP):
 
 demo: $(STAMP)
 	$(PY) -m dalle_jax.tools.demo --config=$(CONFIG) --workdir=$(WORKDIR)
+
+# The demo and the 4x diffusion upsampler after it (the demo's finished stages are kept).
+demo-upsample: $(STAMP)
+	$(PY) -m dalle_jax.tools.demo --config=$(CONFIG):upsample --workdir=$(WORKDIR)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -57,6 +57,8 @@ SHAPES_SPLITS = ("train", "validation", "test", "holdout")  # data.shapes_tfds s
 SHAPES_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan",
                   "white")  # dalle_jax.data.shapes.COLOURS
 SHAPES_SHAPES = ("circle", "square", "triangle", "diamond", "star")  # data.shapes.SHAPES
+DIFFUSION_SCHEDULES = ("cosine", "linear")  # dalle_jax.diffusion.schedules.SCHEDULES
+PREDICTIONS = ("eps", "x0", "v")  # dalle_jax.diffusion.parameterization.PREDICTIONS
 # sentencepiece needs the pad and unknown pieces and at least one character.
 MIN_TEXT_VOCAB = 3
 
@@ -79,7 +81,13 @@ STAGE1_ARCHITECTURE = ("kind", "vocab_size", "n_hid", "n_blk_per_group", "group_
 FREE_FORM = frozenset({"known_gap", "big.", "image_tokenizer.", "transformer.", "reranker.",
                        "demo.image_tokenizer.", "demo.transformer.", "demo.reranker.",
                        "demo.data.",
-                       "demo.text.", "demo.demo.", "demo.seed"})
+                       "demo.text.", "demo.demo.", "demo.seed"}
+                      # configs/demo.py:upsample nests configs/upsampler_shapes.py
+                      | {f"upsampler.{section}." for section in (
+                          "upsampler", "model", "diffusion", "data", "optimizer", "train",
+                          "checkpoint", "mesh", "sharding", "profile")}
+                      | {f"upsampler.{key}" for key in (
+                          "task", "seed", "batch_size", "total_steps")})
 
 
 def records_metadata_name(name: str, split: str) -> str:
@@ -744,6 +752,37 @@ def image_tokenizer_run(value, ctx):
     return stage1_run_problem(value)
 
 
+def upsampler_image_tokenizer_run(value, ctx):
+    """The stage-1 run of the upsampler's round trips (needed when some inputs take one)."""
+    if not value:
+        if _is_number(ctx.get("upsampler.round_trip_prob")) and ctx.get(
+                "upsampler.round_trip_prob") > 0:
+            return ("is required with upsampler.round_trip_prob > 0: the stage-1 run whose "
+                    "round trip (encode, decode) the low-resolution inputs take, e.g. "
+                    "--config.upsampler.image_tokenizer_run=runs/demo/image_tokenizer (or "
+                    "set --config.upsampler.round_trip_prob=0)")
+        return None
+    return stage1_run_problem(value)
+
+
+def logsnr_range(value, ctx):
+    low = ctx.get("diffusion.schedule.logsnr_min")
+    if _is_number(value) and _is_number(low) and value <= low:
+        return f"must be more than diffusion.schedule.logsnr_min ({low}), got {value}"
+    return None
+
+
+def unet_levels(value, ctx):
+    """Attention level indices that exist (model.channel_mult has one level each)."""
+    levels = ctx.get("model.channel_mult")
+    if isinstance(levels, (tuple, list)) and isinstance(value, (tuple, list)):
+        wrong = [v for v in value if _is_int(v) and not 0 <= v < len(levels)]
+        if wrong:
+            return (f"must name levels of model.channel_mult (0 to {len(levels) - 1}), got "
+                    f"{wrong[0]}")
+    return None
+
+
 def text_tokenizer_path(value, ctx):
     """A tokenizer file to read, or to write (train_text_tokenizer; or absent)."""
     if not value or is_remote(value):
@@ -919,6 +958,8 @@ RULES: dict[str, Rule] = {
     "demo.rerank_candidates": rule(tuple_of(POSITIVE_INT, nonempty=True)),
     "demo.rerank_seeds": rule(POSITIVE_INT),
     "demo.reranker_examples": rule(POSITIVE_INT),
+    "demo.upsampler_examples": rule(POSITIVE_INT),
+    "demo.upsample_prompts": rule(NON_NEGATIVE_INT),
     "inputs.grid_rows": rule(POSITIVE_INT),
     "inputs.grid_cols": rule(POSITIVE_INT),
     "inputs.split": rule(file_name_part),
@@ -989,6 +1030,34 @@ RULES: dict[str, Rule] = {
     "stage2.sample.top_p": rule(number(0, 1, low_open=True)),
     "stage2.sample.guidance_scale": rule(number()),
     "stage2.image_tokenizer": rule(image_tokenizer_run, jobs=("train",), io=True),
+    # The diffusion upsampler (configs/upsampler_*.py).
+    "model.base_width": rule(POSITIVE_INT),
+    "model.channel_mult": rule(tuple_of(POSITIVE_INT, nonempty=True,
+                                        what="a tuple of width multipliers")),
+    "model.num_res_blocks": rule(POSITIVE_INT),
+    "model.attention_levels": rule(tuple_of(NON_NEGATIVE_INT, what="a tuple of levels"),
+                                   unet_levels),
+    "model.dropout": rule(FRACTION),
+    "model.num_groups": rule(POSITIVE_INT),
+    "upsampler.factor": rule(integer(2)),
+    "upsampler.crop_size": rule(NON_NEGATIVE_INT),
+    "upsampler.blur_sigma": rule(NON_NEGATIVE_NUMBER),
+    "upsampler.blur_prob": rule(number(0, 1)),
+    "upsampler.round_trip_prob": rule(number(0, 1)),
+    "upsampler.noise_aug_max": rule(FRACTION),
+    "upsampler.eval_split": rule(file_name_part),
+    "upsampler.image_tokenizer_run": rule(upsampler_image_tokenizer_run, jobs=("train",),
+                                          io=True),
+    "diffusion.schedule.name": rule(one_of(DIFFUSION_SCHEDULES)),
+    "diffusion.schedule.logsnr_min": rule(number()),
+    "diffusion.schedule.logsnr_max": rule(number(), logsnr_range),
+    "diffusion.schedule.shift": rule(number()),
+    "diffusion.schedule.beta_min": rule(POSITIVE_NUMBER),
+    "diffusion.schedule.beta_max": rule(POSITIVE_NUMBER),
+    "diffusion.prediction": rule(one_of(PREDICTIONS)),
+    "diffusion.sample.steps": rule(POSITIVE_INT),
+    "diffusion.sample.eta": rule(number(0, 1)),
+    "diffusion.sample.noise_level": rule(FRACTION),
     # convert_images (configs/convert_images.py).
     "input_dir": rule(one_input, existing_directory, jobs=("convert_images",), io=True),
     "manifest": rule(manifest_file, jobs=("convert_images",), io=True),
@@ -1070,6 +1139,7 @@ RULES: dict[str, Rule] = {
     "stage1.eval_split@exists": rule(eval_split, jobs=("train", "eval_image_tokenizer"),
                                      io=True),
     "stage2.eval_split@exists": rule(split_name, jobs=("train",), io=True),
+    "upsampler.eval_split@exists": rule(split_name, jobs=("train",), io=True),
     "encode.splits@exist": rule(tuple_of(split_name), jobs=("encode_dataset",), io=True),
     "encode.output_dir@writable": rule(
         required("the folder for the code shards, e.g. "

@@ -41,7 +41,7 @@ VARIANTS = {
     "contrastive_photos.py": ["", "loss=softmax", "coco", "runlocal"],
     "contrastive_shapes.py": ["", "loss=softmax", "runlocal", "loss=softmax,runlocal"],
     "convert_images.py": [""],
-    "demo.py": ["", "runlocal"],
+    "demo.py": ["", "runlocal", "upsample", "runlocal,upsample"],
     "image_tokenizer_openai.py": [""],
     "image_tokenizer_photos.py": ["", "kind=vqvae", "coco", "runlocal", "kind=vqvae,runlocal"],
     "image_tokenizer_shapes.py": ["", "kind=vqvae", "objective=paper", "runlocal",
@@ -50,6 +50,8 @@ VARIANTS = {
     "input_shapes.py": ["", "runlocal", "res=32", "runlocal,res=32"],
     "transformer_photos.py": ["", "coco", "runlocal"],
     "transformer_shapes.py": ["", "size=bench", "runlocal", "size=bench,runlocal"],
+    "upsampler_shapes.py": ["", "runlocal"],
+    "upsampler_photos.py": ["", "runlocal"],
 }
 
 STAGE1_MODEL = dict(kind="dvae", vocab_size=512, n_hid=32, n_blk_per_group=1, group_count=4,
@@ -117,6 +119,14 @@ MISTAKES = [
             "--workdir", skip=NON_ROOT),
     Mistake("train-workdir-other-stage", "train", (SHAPES1, "--workdir={d}/other_run"),
             "--workdir"),
+    Mistake("train-upsampler-no-stage1", "train",
+            ("--config=configs/upsampler_shapes.py:runlocal", NEW),
+            "config.upsampler.image_tokenizer_run: is required with "
+            "upsampler.round_trip_prob > 0"),
+    Mistake("train-upsampler-bad-prediction", "train",
+            ("--config=configs/upsampler_shapes.py:runlocal", NEW,
+             "--config.upsampler.round_trip_prob=0", "--config.diffusion.prediction=score"),
+            "config.diffusion.prediction: must be one of 'eps', 'x0', 'v'"),
     Mistake("train-save-every-0", "train", (SHAPES1, NEW, "--config.checkpoint.save_every=0"),
             "config.checkpoint.save_every"),
     Mistake("train-max-to-keep-0", "train",
@@ -456,6 +466,9 @@ def test_enum_tables_are_the_consumers():
     assert validate.bench_commands() == (*BENCHMARKS, "all", "report")
     from dalle_jax.stages import image_tokenizer as stage1  # pylint: disable=g-import-not-at-top
     assert validate.STAGE1_TASK == stage1.__name__
+    from dalle_jax.diffusion import parameterization, schedules  # pylint: disable=g-import-not-at-top
+    assert validate.DIFFUSION_SCHEDULES == schedules.SCHEDULES
+    assert validate.PREDICTIONS == parameterization.PREDICTIONS
     assert f'recon_loss == "{validate.RECON_LOSSES[0]}"' in inspect.getsource(stage1)
 
 

@@ -20,10 +20,11 @@ PACKAGE = ROOT / "dalle_jax"
 ALLOWED = {
     "models": set(),
     "data": set(),
+    "diffusion": set(),
     "train": {"models"},
     "sampling": {"models", "train"},
-    "stages": {"data", "models", "sampling", "train", "inference"},
-    "inference": {"data", "models", "sampling", "stages", "train"},
+    "stages": {"data", "diffusion", "models", "sampling", "train", "inference"},
+    "inference": {"data", "diffusion", "models", "sampling", "stages", "train"},
     "evaluation": {"data", "stages", "train"},
 }
 TOP_LEVEL = {"config", "errors", "files", "signals", "validate", "visualize", "tools"}

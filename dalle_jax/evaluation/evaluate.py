@@ -7,6 +7,9 @@ judged from their pixels.
 - Fidelity (captioned shapes): images generated for the captions of the test split and
   of the holdout split — (colour, shape) pairs never seen in training — judged by
   :mod:`dalle_jax.evaluation.shapes_checker`, which reads the pixels alone.
+- The upsampler (a bundle with one): PSNR and SSIM against bicubic on held-out images,
+  the consistency of its outputs with its inputs, and the checker's rates on generated
+  images before and after it (:mod:`dalle_jax.evaluation.upsampler`).
 
 :func:`evaluate` returns one JSON-ready dict; :func:`table` formats its headline figures.
 """
@@ -156,7 +159,7 @@ def composite_rates(results: list[dict[str, Any]]) -> dict[str, dict[str, float 
     return out
 
 
-def _checks(images: np.ndarray, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def image_checks(images: np.ndarray, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     judged = shapes_checker.judge(images, [r["prompt"] for r in records])
     return [{"prompt": r["prompt"], "index": r["index"], **j} for r, j in zip(records, judged)]
 
@@ -177,7 +180,7 @@ def fidelity(model, prompts: list[str], *, images_per_prompt: int, seed: int,
                             keep_all=candidates is not None, **settings)
     images = result.images.reshape((-1,) + result.images.shape[2:])
     captions = [r["prompt"] for r in result.records]
-    checks = _checks(images, result.records)
+    checks = image_checks(images, result.records)
     report = {"prompts": len(prompts), "images": len(checks),
               "rates": composite_rates(checks),
               "criteria": shapes_checker.score(images, captions),
@@ -185,9 +188,33 @@ def fidelity(model, prompts: list[str], *, images_per_prompt: int, seed: int,
     if result.candidates is not None:
         drawn = result.candidates
         report["candidates"] = drawn.images.shape[1]
-        report["random_rates"] = composite_rates(_checks(
+        report["random_rates"] = composite_rates(image_checks(
             drawn.images.reshape((-1,) + drawn.images.shape[2:]), drawn.records))
     return report
+
+
+def upsampled_fidelity(model, prompts: list[str], *, images_per_prompt: int, seed: int,
+                       batch_size: int | None = None, progress: bool = False,
+                       upsample_steps: int | None = None,
+                       log: Callable[[str], None] = lambda _: None,
+                       **settings: Any) -> dict[str, Any]:
+    """The attribute checker's rates on generated images at the stage-1 size and after
+    the bundle's upsampler (the same images), and the difference."""
+    log(f"generating and upsampling {images_per_prompt} images for each of {len(prompts)} "
+        "test prompts")
+    result = model.generate(prompts, images_per_prompt, seed=seed, batch_size=batch_size,
+                            progress=progress, upsample=True, upsample_steps=upsample_steps,
+                            **settings)
+    out: dict[str, Any] = {"prompts": len(prompts), "images": len(result.records),
+                           "upsample_steps": result.records[0]["upsample"]["steps"]}
+    for name, images in (("low_res", result.low_res), ("upsampled", result.images)):
+        flat = images.reshape((-1,) + images.shape[2:])
+        out[name] = {"image_size": int(flat.shape[1]),
+                     "rates": composite_rates(image_checks(flat, result.records)),
+                     "criteria": shapes_checker.score(flat, [r["prompt"] for r in
+                                                             result.records])}
+    out["timings"] = {k: round(v, 2) for k, v in result.timings.items()}
+    return out
 
 
 def evaluate(model, *, data_dir: str | None = None, stage_split: str = "validation",
@@ -197,14 +224,19 @@ def evaluate(model, *, data_dir: str | None = None, stage_split: str = "validati
              candidates: int | None = None,
              rerank_prompts: int = 64, rerank_candidates: tuple[int, ...] = (8, 32),
              rerank_seeds: tuple[int, ...] = (0, 1, 2), reranker_examples: int = 1000,
-             log: Callable[[str], None] = lambda _: None, **settings: Any) -> dict[str, Any]:
+             upsampler_examples: int = 256, upsample_prompts: int = 64,
+             upsample_steps: int | None = None, log: Callable[[str], None] = lambda _: None, **settings: Any) -> dict[str, Any]:
     """Every measure of the bundle ``model`` (a :class:`TextToImage`); the fidelity
     parts only for captioned shapes, each image the reranker's best of ``candidates``
     when given (with the rates of a random candidate beside). With a reranker in the
     bundle: its retrieval and
     zero-shot figures on ``stage_split`` (``reranker_examples`` pairs) and, for
     ``rerank_prompts`` test prompts, the fidelity of its top-1 of n candidates against a
-    random one (:func:`dalle_jax.evaluation.contrastive.reranking_gain`)."""
+    random one (:func:`dalle_jax.evaluation.contrastive.reranking_gain`). With an
+    upsampler: :func:`dalle_jax.evaluation.upsampler.held_out` on
+    ``upsampler_examples`` images of ``stage_split`` at its high resolution and, for
+    ``upsample_prompts`` test prompts, the fidelity before and after it, with
+    ``upsample_steps`` DDIM steps (the run's default by default)."""
     data = image_data_config(model, data_dir)
     report: dict[str, Any] = {"bundle": str(model.bundle.path),
                               "transformer_step": model.transformer.step,
@@ -252,6 +284,23 @@ def evaluate(model, *, data_dir: str | None = None, stage_split: str = "validati
                 model, prompts, candidates=rerank_candidates, seeds=rerank_seeds,
                 batch_size=batch_size, progress=progress, log=log, **settings)
             report["seconds"]["reranking"] = round(time.perf_counter() - start, 1)
+    if model.upsampler is not None:
+        from dalle_jax.evaluation import contrastive  # pylint: disable=g-import-not-at-top
+        from dalle_jax.evaluation import upsampler as upsampler_eval  # pylint: disable=g-import-not-at-top
+        start = time.perf_counter()
+        u_data = ml_collections.ConfigDict(model.upsampler.config.data.to_dict())
+        if data_dir is not None:
+            u_data.data_dir = data_dir
+        log(f"upsampler on {upsampler_examples} {stage_split} images")
+        images, _ = contrastive.split_pairs(u_data, stage_split, upsampler_examples)
+        report["upsampler"] = {"split": stage_split, "held_out": upsampler_eval.held_out(
+            model.upsampler, images, steps=upsample_steps, seed=seed)}
+        if data.name == SHAPES and upsample_prompts > 0:
+            report["upsampler"]["fidelity"] = upsampled_fidelity(
+                model, split_prompts(data, "test", upsample_prompts),
+                images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size,
+                progress=progress, upsample_steps=upsample_steps, log=log, **settings)
+        report["seconds"]["upsampler"] = round(time.perf_counter() - start, 1)
     return report
 
 
@@ -304,4 +353,7 @@ def table(report: dict[str, Any]) -> str:
         lines += contrastive.reranker_lines(r["split"], r["retrieval"], r.get("zero_shot"))
     if report.get("reranking"):
         lines.append(contrastive.gain_table(report["reranking"]))
+    if report.get("upsampler"):
+        from dalle_jax.evaluation import upsampler as upsampler_eval  # pylint: disable=g-import-not-at-top
+        lines += upsampler_eval.report_lines(report["upsampler"])
     return "\n".join(lines)

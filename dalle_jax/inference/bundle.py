@@ -14,6 +14,8 @@ one), so it is a fraction of a training checkpoint's size:
     text_tokenizer.model             the caption sentencepiece model
     reranker/                        optional: the contrastive model's config.json,
                                      params/ and its own text_tokenizer.model
+    upsampler/                       optional: the diffusion upsampler's config.json and
+                                     params/ (its EMA copy)
 
 :func:`export` writes it under a temporary name and renames it when complete;
 :func:`load` verifies every file against the manifest, checks the parameter shapes
@@ -45,9 +47,11 @@ from dalle_jax.models import contrastive as contrastive_lib
 from dalle_jax.models import image_tokenizers
 from dalle_jax.models import openai_dvae
 from dalle_jax.models import transformer as transformer_lib
+from dalle_jax.models import unet as unet_lib
 from dalle_jax.stages import contrastive as stage_c
 from dalle_jax.stages import image_tokenizer as stage1
 from dalle_jax.stages import transformer as stage2
+from dalle_jax.stages import upsampler as stage_u
 from dalle_jax.train import checkpoint as checkpoint_lib
 
 FORMAT = "dalle_jax.bundle"
@@ -60,6 +64,7 @@ PARTS = {
     "image_tokenizer": ("image_tokenizer/config.json", "image_tokenizer/variables"),
 }
 RERANKER = ("reranker/config.json", "reranker/params", "reranker/text_tokenizer.model")
+UPSAMPLER = ("upsampler/config.json", "upsampler/params")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -140,9 +145,10 @@ class ExportReport:
 
     @property
     def generation_bytes(self) -> int:
-        """The bundle without its optional reranker: what the training checkpoint of
-        the transformer compares with."""
-        return self.bundle_bytes - self.part_bytes.get("reranker", 0)
+        """The bundle without its optional parts (reranker, upsampler): what the
+        training checkpoint of the transformer compares with."""
+        return (self.bundle_bytes - self.part_bytes.get("reranker", 0)
+                - self.part_bytes.get("upsampler", 0))
 
 
 def image_tokenizer_config(config: ml_collections.ConfigDict) -> dict:
@@ -154,7 +160,8 @@ def image_tokenizer_config(config: ml_collections.ConfigDict) -> dict:
 
 def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
            image_tokenizer: str | os.PathLike | None = None,
-           reranker: str | os.PathLike | None = None, dtype: str = "float32",
+           reranker: str | os.PathLike | None = None,
+           upsampler: str | os.PathLike | None = None, dtype: str = "float32",
            step: int | None = None, overwrite: bool = False,
            log: Callable[[str], None] = lambda _: None) -> ExportReport:
     """Writes the bundle of the stage-2 run ``workdir`` (its checkpoint at ``step``,
@@ -163,8 +170,9 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
     ``image_tokenizer`` is the stage-1 run (or conversion of OpenAI's dVAE) whose codes
     the transformer was trained on; by default the run's ``config.stage2.image_tokenizer``.
     ``reranker`` is a run of the contrastive model (dalle_jax.stages.contrastive) at
-    the same image size, carried as the optional reranker part. ``dtype`` casts the
-    transformer's floating-point parameters.
+    the same image size, carried as the optional reranker part; ``upsampler`` a run of
+    the diffusion upsampler (dalle_jax.stages.upsampler) whose input is that size, the
+    optional upsampler part. ``dtype`` casts the transformer's floating-point parameters.
     """
     # Imported here: the loaders of trained runs import this package's models.
     from dalle_jax.inference import image_tokenizer as image_tokenizer_run
@@ -212,6 +220,10 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
     reranker_part, reranker_source = None, None
     if reranker:
         reranker_part, reranker_source = _reranker_part(reranker, tokenizer.image_size, log)
+    upsampler_part, upsampler_source = None, None
+    if upsampler:
+        upsampler_part, upsampler_source = _upsampler_part(upsampler, tokenizer.image_size,
+                                                           log)
     ema = run_config.train.ema_decay > 0
     checkpoint_dir = workdir / runs.CHECKPOINTS / str(transformer.step)
     checkpoint_bytes = directory_bytes(checkpoint_dir) if checkpoint_dir.exists() else 0
@@ -219,8 +231,8 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
         output, transformer_config=run_config, transformer_params=transformer.params,
         image_tokenizer_config=image_tokenizer_config(tokenizer.config),
         image_tokenizer_variables=tokenizer.variables, text_tokenizer_file=text_path,
-        dtype=dtype, log=log, reranker=reranker_part,
-        sources={"reranker": reranker_source,
+        dtype=dtype, log=log, reranker=reranker_part, upsampler=upsampler_part,
+        sources={"reranker": reranker_source, "upsampler": upsampler_source,
                  "transformer": {"run": str(workdir.resolve()), "step": transformer.step,
                                  "ema": ema},
                  "image_tokenizer": {"run": str(epath.Path(stage1_dir).resolve()),
@@ -232,9 +244,10 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
     part_bytes = {part: sum(f["size"] for name, f in files.items()
                             if name.startswith(part + "/")) for part in PARTS}
     part_bytes["text_tokenizer"] = files[TEXT_TOKENIZER_FILE]["size"]
-    if reranker_part is not None:
-        part_bytes["reranker"] = sum(f["size"] for name, f in files.items()
-                                     if name.startswith("reranker/"))
+    for name, part in (("reranker", reranker_part), ("upsampler", upsampler_part)):
+        if part is not None:
+            part_bytes[name] = sum(f["size"] for file, f in files.items()
+                                   if file.startswith(name + "/"))
     return ExportReport(output, manifest["bundle_bytes"], checkpoint_bytes, part_bytes,
                         transformer.step, ema)
 
@@ -268,11 +281,34 @@ def _reranker_part(run: str | os.PathLike, image_size: int,
             {"run": str(epath.Path(run).resolve()), "step": loaded.step})
 
 
+@dataclasses.dataclass
+class UpsamplerPart:
+    """The optional diffusion upsampler: its run's config and (EMA) parameters."""
+    config: ml_collections.ConfigDict
+    params: Any
+
+
+def _upsampler_part(run: str | os.PathLike, image_size: int,
+                    log: Callable[[str], None]) -> tuple[UpsamplerPart, dict[str, Any]]:
+    from dalle_jax.inference import upsampler as upsampler_lib  # pylint: disable=g-import-not-at-top
+    log(f"loading the upsampler of {run}")
+    try:
+        loaded = upsampler_lib.Upsampler.load_run(str(run))
+    except runs.RunError as e:
+        raise BundleError(f"upsampler: {e}") from None
+    if loaded.low_size != image_size:
+        raise BundleError(f"upsampler {run} takes {loaded.low_size}px images, but the "
+                          f"bundle makes {image_size}px ones")
+    return (UpsamplerPart(loaded.config, loaded.params),
+            {"run": str(epath.Path(run).resolve()), "step": loaded.step,
+             "ema": loaded.config.train.ema_decay > 0})
+
+
 def write(output: str | os.PathLike, *, transformer_config: ml_collections.ConfigDict,
           transformer_params, image_tokenizer_config: dict, image_tokenizer_variables,
           text_tokenizer_file: str | os.PathLike, sources: dict[str, Any],
           dtype: str = "float32", extra: dict[str, Any] | None = None,
-          reranker: RerankerPart | None = None,
+          reranker: RerankerPart | None = None, upsampler: UpsamplerPart | None = None,
           log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Writes a bundle from its parts (an existing ``output`` is replaced): under a
     temporary name, renamed when complete. Returns the manifest."""
@@ -304,6 +340,14 @@ def write(output: str | os.PathLike, *, transformer_config: ml_collections.Confi
             shutil.copyfile(reranker.text_tokenizer, temp / RERANKER[2])
             log("writing the reranker's parameters")
             _save_arrays(temp / RERANKER[1], reranker_params)
+        upsampler_params = None
+        if upsampler is not None:
+            upsampler_params = _to_host(upsampler.params)
+            (temp / "upsampler").mkdir()
+            (temp / UPSAMPLER[0]).write_text(json.dumps(
+                _plain_config(upsampler.config), indent=2, sort_keys=True) + "\n")
+            log("writing the upsampler's parameters")
+            _save_arrays(temp / UPSAMPLER[1], upsampler_params)
         files = _file_table(temp)
         manifest = {
             "format": FORMAT,
@@ -326,6 +370,11 @@ def write(output: str | os.PathLike, *, transformer_config: ml_collections.Confi
                     "config": RERANKER[0], "arrays": RERANKER[1],
                     "text_tokenizer": RERANKER[2], "shapes": tree_shapes(reranker_params),
                     "source": sources.get("reranker") or {}}} if reranker is not None
+                   else {}),
+                **({"upsampler": {
+                    "config": UPSAMPLER[0], "arrays": UPSAMPLER[1],
+                    "shapes": tree_shapes(upsampler_params),
+                    "source": sources.get("upsampler") or {}}} if upsampler is not None
                    else {}),
             },
             "files": files,
@@ -357,6 +406,7 @@ class Bundle:
     text_tokenizer: text_tokenizer_lib.TextTokenizer
     mesh: jax.sharding.Mesh
     reranker: RerankerPart | None = None  # the optional contrastive model
+    upsampler: UpsamplerPart | None = None  # the optional diffusion upsampler
 
 
 def read_manifest(path: epath.Path) -> dict[str, Any]:
@@ -509,8 +559,9 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
                           f"than the transformer's text vocabulary "
                           f"{model_config.text_vocab_size}")
     reranker = _load_reranker(path, manifest, mesh) if "reranker" in parts else None
+    upsampler = _load_upsampler(path, manifest, mesh) if "upsampler" in parts else None
     return Bundle(path, manifest, t_config, params, i_config, variables, text, mesh,
-                  reranker)
+                  reranker, upsampler)
 
 
 def _load_reranker(path: epath.Path, manifest, mesh) -> RerankerPart:
@@ -533,3 +584,18 @@ def _load_reranker(path: epath.Path, manifest, mesh) -> RerankerPart:
         raise BundleError(f"bundle {path}: reranker: {text_file.name} cannot be loaded "
                           f"({checkpoint_lib._first_line(e)})") from None  # pylint: disable=protected-access
     return RerankerPart(config, params, text)
+
+
+def _load_upsampler(path: epath.Path, manifest, mesh) -> UpsamplerPart:
+    part = manifest["parts"]["upsampler"]
+    config = _config(path, manifest, "upsampler")
+    try:
+        model = unet_lib.UNet(stage_u.model_config(config))
+        abstract = runs.abstract_variables(
+            config, lambda rng: stage_u.init_variables(model, rng), mesh)["params"]
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        raise BundleError(f"bundle {path}: upsampler: config is not an upsampler's config "
+                          f"({e})") from None
+    _check_shapes(path, "upsampler", abstract, part.get("shapes", {}))
+    abstract = _with_dtypes(abstract, part["shapes"])
+    return UpsamplerPart(config, _restore(path / part["arrays"], "upsampler", abstract))

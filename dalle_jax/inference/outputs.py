@@ -83,6 +83,17 @@ def save_candidates(output: str, candidates, names: Sequence[str]) -> str:
                                   "\n".join(lines) + "\n"))
 
 
+def save_low_res(output: str, result, names: Sequence[str]) -> None:
+    """The stage-1 images of an upsampled request (``Generation.low_res``) as
+    ``low_res/<prompt>/<index>.png``, beside their 4x versions under ``images/``."""
+    count = result.low_res.shape[1]
+    for r, image in zip(result.records,
+                        result.low_res.reshape((-1,) + result.low_res.shape[2:])):
+        file = image_file(names[r["prompt_index"]], r["index"], count).replace(
+            "images/", "low_res/", 1)
+        visualize.save_png(image, os.path.join(output, file))
+
+
 def save_all(output: str, result, cols: int | None = None) -> list[str]:
     """Images, grids and records of ``result``; returns the prompts' names."""
     names = prompt_names(result.prompts)
@@ -93,4 +104,6 @@ def save_all(output: str, result, cols: int | None = None) -> list[str]:
     save_records(output, result, names)
     if result.candidates is not None:
         save_candidates(output, result.candidates, names)
+    if result.low_res is not None:
+        save_low_res(output, result, names)
     return names

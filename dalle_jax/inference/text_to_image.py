@@ -9,6 +9,7 @@
 
     model.generate(["a blue star"], prime_image=png, prime_rows=4)  # complete an image
     model.variations(png, num_images=8)                            # resample its bottom
+    model.generate(["a red circle"], upsample=True)   # 4x images by the diffusion upsampler
 
 Image ``index`` of a prompt under a seed is drawn with its own key, made from the seed,
 the prompt's text and the index: it is the same whatever the other prompts, the batch
@@ -35,11 +36,13 @@ from dalle_jax.inference import bundle as bundle_lib
 from dalle_jax.inference import image_tokenizer as image_tokenizer_run
 from dalle_jax.inference import reranker as reranker_lib
 from dalle_jax.inference import transformer as transformer_run
+from dalle_jax.inference import upsampler as upsampler_lib
 from dalle_jax.models import image_tokenizers
 from dalle_jax.sampling import sampler as sampler_lib
 from dalle_jax.train import sharding as sharding_lib
 
 DEFAULT_BATCH_SIZE = 64
+UPSAMPLE_STREAM = 1  # folded into an image's key for its upsampling noise
 
 
 class GenerateError(errors.UserError, ValueError):
@@ -56,6 +59,7 @@ class Generation:
     scores: np.ndarray | None = None  # float32 [len(prompts), num_images]: the reranker's
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds by part
     candidates: "Generation | None" = None  # every candidate, when reranking with keep_all
+    low_res: np.ndarray | None = None  # uint8 [P, n, h, w, 3]: the stage-1 images, upsampled
 
     @property
     def reranked(self) -> bool:
@@ -153,6 +157,12 @@ class TextToImage:
             self.reranker = reranker_lib.Reranker(
                 r.config, r.params, r.text_tokenizer, bundle.mesh,
                 int(parts["reranker"]["source"].get("step", 0)))
+        self.upsampler = None
+        if bundle.upsampler is not None:
+            u = bundle.upsampler
+            self.upsampler = upsampler_lib.Upsampler(
+                u.config, u.params, bundle.mesh,
+                int(parts["upsampler"]["source"].get("step", 0)))
         self.sampler = self.transformer.sampler()
         sample = config.get("stage2", {}).get("sample", {})
         self.default_settings = sampler_lib.SamplingSettings(
@@ -243,7 +253,9 @@ class TextToImage:
                  top_p: float | None = None, guidance_scale: float | None = None,
                  batch_size: int | None = None, prime_image: Any = None,
                  prime_rows: int = 0, candidates: int | None = None,
-                 keep_all: bool = False, progress: bool = False,
+                 keep_all: bool = False, upsample: bool = False,
+                 upsample_steps: int | None = None, upsample_eta: float | None = None,
+                 upsample_noise_level: float | None = None, progress: bool = False,
                  warn: Callable[[str], None] = logging.warning,
                  on_batch: Callable[[list[tuple[int, int]], np.ndarray], None] | None = None
                  ) -> Generation:
@@ -259,6 +271,11 @@ class TextToImage:
         candidate as ``Generation.candidates``). Candidate j of a prompt is the image
         that ``num_images`` > j would have given without reranking. With a reranker
         every image is scored, reranked or not.
+
+        ``upsample`` runs the bundle's diffusion upsampler on the kept images (after
+        reranking, which scores the stage-1 images): ``images`` are then 4× the size and
+        ``low_res`` holds the stage-1 ones. DDIM steps, eta and the input's noise level
+        default to the upsampler's run (``config.diffusion.sample``).
 
         A progress bar (``progress``) counts batches; ``on_batch(rows, images)`` sees
         each batch's (prompt index, image index) rows and images as they are made (not
@@ -305,6 +322,17 @@ class TextToImage:
         scores = np.full((len(rows),), np.nan, np.float32)
         timings = {"sample_s": 0.0, "decode_s": 0.0, "score_s": 0.0}
         starts = range(0, len(rows), size)
+        upsample_settings = None
+        if upsample:
+            if self.upsampler is None:
+                raise GenerateError(
+                    f"bundle {self.bundle.path} has no upsampler: export it with "
+                    "--upsampler=<an upsampler run> (dalle_jax.tools.export)")
+            try:
+                upsample_settings = self.upsampler.settings(
+                    upsample_steps, upsample_eta, upsample_noise_level)
+            except upsampler_lib.UpsampleError as e:
+                raise GenerateError(str(e)) from None
         bar = tqdm.tqdm(starts, desc="generating", unit="batch", disable=not progress)
         for start in bar:
             chunk = rows[start:start + size]
@@ -331,7 +359,7 @@ class TextToImage:
                 scores[index] = self.reranker.scores(images[index],
                                                      [prompts[p] for p, _ in chunk])
                 timings["score_s"] += time.perf_counter() - began
-            if on_batch is not None and not reranking:
+            if on_batch is not None and not reranking and not upsample:
                 on_batch(chunk, images[index])
         bar.close()
 
@@ -342,6 +370,7 @@ class TextToImage:
                                else "array"), "rows": prime_rows, "note": prime_note}
         scored = self.reranker is not None
         base = {"seed": seed, "settings": dataclasses.asdict(settings), "prime": prime,
+                **({"upsample": dataclasses.asdict(upsample_settings)} if upsample else {}),
                 "bundle": str(self.bundle.path), "transformer_step": self.transformer.step}
         count = len(prompts)
         scores = scores.reshape(count, draws)
@@ -367,6 +396,19 @@ class TextToImage:
             [record(p, i, int(kept[p, i])) for p in range(count) for i in range(num_images)],
             scores=np.take_along_axis(scores, kept, 1) if scored else None,
             timings=timings)
+        if upsample:
+            began = time.perf_counter()
+            kept_rows = (np.arange(count)[:, None] * draws + kept).reshape(-1)
+            # Each image's upsampling key: its own key, folded (independent of its codes').
+            up_keys = jax.vmap(lambda k: jax.random.fold_in(k, UPSAMPLE_STREAM))(
+                keys[kept_rows])
+            low = result.images.reshape((-1,) + result.images.shape[2:])
+            high = self.upsampler.upsample(low, keys=up_keys, steps=upsample_settings.steps,
+                                           eta=upsample_settings.eta,
+                                           noise_level=upsample_settings.noise_level)
+            result.low_res = result.images
+            result.images = high.reshape((count, num_images) + high.shape[1:])
+            timings["upsample_s"] = time.perf_counter() - began
         if keep_all and reranking:
             result.candidates = Generation(
                 prompts, images, codes,

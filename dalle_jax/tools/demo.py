@@ -17,6 +17,12 @@ continues where it stopped; a training stage resumes from its latest checkpoint)
   9. evaluate         both stages, the reranker, and generated images judged from their
                       pixels with and without reranking, <workdir>/evaluation.json
 
+With configs/demo.py:upsample (``make demo-upsample``) two stages come before the
+export: the dataset rendered at 4x the size, and the 4x diffusion upsampler trained on
+it (<workdir>/upsampler); the bundle then carries it, the demo's images are upsampled
+(upsample_grid.png shows stage 1, bicubic and diffusion side by side) and the evaluation
+measures it.
+
 The time of each stage is kept in <workdir>/demo_report.json.
 """
 from __future__ import annotations
@@ -70,6 +76,20 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str):
     reranker.text = ml_collections.ConfigDict(text.to_dict())
     reranker.seed = config.seed
     return data, text, s1, s2, reranker
+
+
+def upsampler_config(config: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
+                     s1_dir: str) -> ml_collections.ConfigDict | None:
+    """The upsampler's config as the demo runs it (configs/demo.py:upsample): the demo's
+    dataset at ``factor`` times its size, round trips through the demo's stage 1."""
+    if "upsampler" not in config:
+        return None
+    su = ml_collections.ConfigDict(config.upsampler.to_dict())
+    su.data = ml_collections.ConfigDict(data.to_dict())
+    su.data.image_size = data.image_size * su.upsampler.factor
+    su.seed = config.seed
+    su.upsampler.image_tokenizer_run = s1_dir
+    return su
 
 
 def finished_step(run: str) -> int | None:
@@ -156,17 +176,43 @@ def encode(s1: ml_collections.ConfigDict, run: str) -> str:
 
 
 def generate(model, prompts: list[str], count: int, candidates: int, seed: int, output: str,
-             grid_path: str) -> str:
+             grid_path: str, upsample: bool = False) -> str:
     """The demo prompts' images (each the reranker's best of ``candidates``), grids and
-    records, and the demo grid (a row per prompt)."""
+    records, and the demo grid (a row per prompt). With ``upsample``, the images are the
+    bundle's upsampler's, and upsample_grid.png beside the demo grid compares stage 1,
+    bicubic and diffusion for each prompt's first image."""
     from dalle_jax import visualize  # pylint: disable=g-import-not-at-top
     from dalle_jax.inference import outputs  # pylint: disable=g-import-not-at-top
     result = model.generate(prompts, count, seed=seed, progress=True,
-                            candidates=max(candidates, count))
+                            candidates=max(candidates, count), upsample=upsample)
     outputs.save_all(output, result)
-    grid = visualize.prompt_rows(result.images, prompts, cell_size=48, label_width=190)
+    cell = 48 if result.low_res is None else 96
+    grid = visualize.prompt_rows(result.images, prompts, cell_size=cell, label_width=190)
     visualize.save_png(grid, grid_path)
-    return f"-> {grid_path}, images in {output}"
+    done = f"-> {grid_path}, images in {output}"
+    if result.low_res is not None:
+        path = os.path.join(os.path.dirname(grid_path), UPSAMPLE_GRID)
+        visualize.save_png(upsample_comparison(result, model.upsampler.factor), path)
+        done += f", stage 1 / bicubic / diffusion in {path}"
+    return done
+
+
+UPSAMPLE_GRID = "upsample_grid.png"
+
+
+def upsample_comparison(result, factor: int):
+    """A row per prompt: its first image at the stage-1 size (enlarged, nearest
+    neighbour), bicubic and the diffusion upsampler."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from dalle_jax import visualize  # pylint: disable=g-import-not-at-top
+    from dalle_jax.evaluation import upsampler as upsampler_eval  # pylint: disable=g-import-not-at-top
+    low = result.low_res[:, 0]
+    nearest = np.repeat(np.repeat(low, factor, axis=1), factor, axis=2)
+    rows = np.stack([nearest, upsampler_eval.bicubic(low, factor), result.images[:, 0]], 1)
+    size = result.images.shape[2]
+    labels = [f"{p}\n(stage 1 {low.shape[1]} px | bicubic | diffusion {size} px)"
+              for p in result.prompts]
+    return visualize.prompt_rows(rows, labels, cell_size=size, label_width=190)
 
 
 
@@ -178,22 +224,25 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     config_lib.write_config(config, workdir)
     data, text, s1, s2, sr = stage_configs(config, workdir)
+    su = upsampler_config(config, data, s2.stage2.image_tokenizer)
     from dalle_jax import errors  # pylint: disable=g-import-not-at-top
     from dalle_jax import validate  # pylint: disable=g-import-not-at-top
-    for section, stage in (("image_tokenizer", s1), ("transformer", s2), ("reranker", sr)):
+    stages = [("image_tokenizer", s1), ("transformer", s2), ("reranker", sr)]
+    for section, stage in stages + ([("upsampler", su)] if su is not None else []):
         try:  # the training job's rules, before any stage starts
             validate.check_config("train", stage)
         except errors.UserError as e:
             raise errors.UserError(str(e).replace("config.", f"config.{section}.", 1)) from None
     s1_dir, s2_dir = s2.stage2.image_tokenizer, os.path.join(workdir, "transformer")
     sr_dir = os.path.join(workdir, "reranker")
+    su_dir = os.path.join(workdir, "upsampler")
     bundle_dir = os.path.join(workdir, "bundle")
     samples_dir = os.path.join(workdir, "samples")
     grid_path = os.path.join(workdir, "demo_grid.png")
     eval_path = os.path.join(workdir, "evaluation.json")
     report = Report(workdir)
     start = time.perf_counter()
-    count = 9
+    count = 9 if su is None else 11
 
     from dalle_jax.data import sources  # pylint: disable=g-import-not-at-top
     splits = ("train", "validation", "test", "holdout")
@@ -279,6 +328,37 @@ def main(argv):
               f"layers, {mr.embed_dim}-d), {sr.total_steps} steps",
               lambda: trained(sr_dir, sr.total_steps), train(sr, sr_dir))
 
+    index = 7
+    if su is not None:
+        high = su.data
+
+        def high_built():
+            from dalle_jax.data import shapes_tfds  # pylint: disable=g-import-not-at-top
+            name = shapes_tfds.config_name(
+                high.image_size, high.num_train, high.num_validation, high.num_test,
+                high.num_holdout, tuple(tuple(p) for p in high.holdout_pairs),
+                high.dataset_seed)
+            folder = epath.Path(high.data_dir) / "captioned_shapes" / name
+            prepared = folder.exists() and any(
+                (v / "dataset_info.json").exists() for v in folder.iterdir())
+            return str(folder) if prepared else None
+
+        def build_high():
+            sizes = [sum(n for _, n in sources.make_source(high, s).files()) for s in splits]
+            return ", ".join(f"{s} {n}" for s, n in zip(splits, sizes)) + " examples"
+
+        run_stage(report, 7, count, "dataset_upsampler",
+                  f"dataset for the upsampler: captioned shapes at {high.image_size} px",
+                  high_built, build_high)
+        mu = su.model
+        run_stage(report, 8, count, "upsampler",
+                  f"upsampler: diffusion U-Net (widths "
+                  f"{'/'.join(str(mu.base_width * m) for m in mu.channel_mult)}), "
+                  f"{data.image_size} -> {high.image_size} px on {su.upsampler.crop_size} px "
+                  f"crops, {su.total_steps} steps",
+                  lambda: trained(su_dir, su.total_steps), train(su, su_dir))
+        index = 9
+
     from dalle_jax.inference import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
 
     def exported():
@@ -289,18 +369,28 @@ def main(argv):
         parts = manifest["parts"]
         step = parts["transformer"]["source"]["step"]
         reranker_step = parts.get("reranker", {}).get("source", {}).get("step")
+        upsampler_step = parts.get("upsampler", {}).get("source", {}).get("step")
+        if su is not None and upsampler_step != su.total_steps:
+            return None
+        if su is None and upsampler_step is not None:
+            return None
         if step == s2.total_steps and reranker_step == sr.total_steps:
             return f"{bundle_dir} (step {step}, reranker step {reranker_step})"
         return None
 
     def export():
-        result = bundle_lib.export(s2_dir, bundle_dir, reranker=sr_dir, overwrite=True)
+        result = bundle_lib.export(s2_dir, bundle_dir, reranker=sr_dir,
+                                   upsampler=su_dir if su is not None else None,
+                                   overwrite=True)
+        optional = "reranker" + (" and upsampler" if su is not None else "")
         return (f"-> {bundle_dir}: {result.bundle_bytes / 1e6:.1f} MB (reranker "
-                f"{result.part_bytes['reranker'] / 1e6:.1f} MB); without the reranker "
+                f"{result.part_bytes['reranker'] / 1e6:.1f} MB"
+                + (f", upsampler {result.part_bytes['upsampler'] / 1e6:.1f} MB"
+                   if su is not None else "") + f"); without the {optional} "
                 f"{result.generation_bytes / result.checkpoint_bytes:.2f}x the "
                 "transformer's training checkpoint")
 
-    run_stage(report, 7, count, "export", "export the inference bundle", exported, export)
+    run_stage(report, index, count, "export", "export the inference bundle", exported, export)
 
     demo = config.demo
     model_box = {}
@@ -316,12 +406,14 @@ def main(argv):
         return (os.path.exists(path) and os.path.exists(manifest)
                 and os.path.getmtime(path) >= os.path.getmtime(manifest))
 
-    run_stage(report, 8, count, "generate",
+    run_stage(report, index + 1, count, "generate",
               f"generate {demo.images_per_prompt} images for each of {len(demo.prompts)} "
-              f"prompts, the reranker's best of {demo.candidates}",
+              f"prompts, the reranker's best of {demo.candidates}"
+              + (", upsampled 4x" if su is not None else ""),
               lambda: grid_path if newer_than_bundle(grid_path) else None,
               lambda: generate(model(), list(demo.prompts), demo.images_per_prompt,
-                               demo.candidates, demo.seed, samples_dir, grid_path))
+                               demo.candidates, demo.seed, samples_dir, grid_path,
+                               upsample=su is not None))
 
     def evaluate():
         from dalle_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
@@ -333,17 +425,21 @@ def main(argv):
             rerank_prompts=demo.rerank_prompts,
             rerank_candidates=tuple(demo.rerank_candidates),
             rerank_seeds=tuple(range(demo.seed, demo.seed + demo.rerank_seeds)),
-            reranker_examples=demo.reranker_examples, log=print)
+            reranker_examples=demo.reranker_examples, log=print,
+            **({"upsampler_examples": demo.upsampler_examples,
+                "upsample_prompts": demo.upsample_prompts} if su is not None else {}))
         files.atomic_write(eval_path, json.dumps(result, indent=1) + "\n")
         return f"-> {eval_path}"
 
-    run_stage(report, 9, count, "evaluate",
+    run_stage(report, index + 2, count, "evaluate",
               f"evaluate (stage 1 and 2 and the reranker on validation; "
               f"{demo.test_prompts} test and {demo.holdout_prompts} holdout prompts x "
               f"{demo.eval_images_per_prompt} images, each the best of {demo.candidates}, "
               f"judged from pixels; reranking: "
               f"{demo.rerank_prompts} prompts x {max(demo.rerank_candidates)} candidates "
-              f"x {demo.rerank_seeds} seeds)",
+              f"x {demo.rerank_seeds} seeds"
+              + (f"; the upsampler on {demo.upsampler_examples} validation images and "
+                 f"{demo.upsample_prompts} test prompts" if su is not None else "") + ")",
               lambda: eval_path if newer_than_bundle(eval_path) else None, evaluate)
 
     from dalle_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top

@@ -10,7 +10,9 @@ shape) pairs, read by the attribute checker (:mod:`dalle_jax.evaluation.shapes_c
 When the bundle carries a reranker (``export --reranker``), also its retrieval
 Recall@1/5/10 and zero-shot colour, shape and cell accuracy on the split, and the gain
 from reranking: the fidelity of its top-1 of 8 and of 32 candidates against a random
-one of them, over several seeds. Prints a short table and writes everything, per-image
+one of them, over several seeds. When it carries an upsampler (``export --upsampler``),
+its PSNR and SSIM against bicubic on held-out images, the consistency of its outputs
+with its inputs, and the fidelity of generated images before and after it. Prints a short table and writes everything, per-image
 checks included, as JSON.
 """
 from __future__ import annotations
@@ -53,6 +55,14 @@ _RERANK_SEEDS = flags.DEFINE_integer("rerank_seeds", 3, "Seeds for the reranking
                                      "(its spread is over these).", lower_bound=1)
 _RERANKER_EXAMPLES = flags.DEFINE_integer("reranker_examples", 1000, "Pairs of the split "
                                           "for the reranker's retrieval.", lower_bound=1)
+_UPSAMPLER_EXAMPLES = flags.DEFINE_integer(
+    "upsampler_examples", 256, "Held-out images of the split for the upsampler.",
+    lower_bound=1)
+_UPSAMPLE_PROMPTS = flags.DEFINE_integer(
+    "upsample_prompts", 64, "Test prompts whose images are judged before and after the "
+    "upsampler (0: skip).", lower_bound=0)
+_UPSAMPLE_STEPS = flags.DEFINE_integer("upsample_steps", None, "DDIM steps of the "
+                                       "upsampler (default: its run's).", lower_bound=1)
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Default: the bundle's.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Default: the bundle's.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Default: the bundle's.")
@@ -86,6 +96,8 @@ def main(argv):
         rerank_prompts=_RERANK_PROMPTS.value, rerank_candidates=candidates,
         rerank_seeds=tuple(range(_SEED.value, _SEED.value + _RERANK_SEEDS.value)),
         reranker_examples=_RERANKER_EXAMPLES.value,
+        upsampler_examples=_UPSAMPLER_EXAMPLES.value,
+        upsample_prompts=_UPSAMPLE_PROMPTS.value, upsample_steps=_UPSAMPLE_STEPS.value,
         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
         guidance_scale=_GUIDANCE.value)
     report["seconds"]["total"] = round(time.perf_counter() - start, 1)

@@ -4,12 +4,15 @@ r"""Exports a trained stage-2 run as an inference bundle (parameters only).
   python -m dalle_jax.tools.export --workdir=... --output=... --dtype=bfloat16
   python -m dalle_jax.tools.export --workdir=... --output=... \
       --reranker=runs/contrastive_shapes       # generate can then keep the best candidates
+  python -m dalle_jax.tools.export --workdir=... --output=... \
+      --upsampler=runs/upsampler_shapes        # generate --upsample: 4x images
 
 The bundle holds the transformer's parameters (its EMA when the run kept one), the
 stage-1 encoder and decoder the run's codes came from (``config.stage2.image_tokenizer``,
 or ``--image_tokenizer``: a stage-1 run or a conversion of OpenAI's dVAE), the caption
 tokenizer, both configs and a manifest of checksums (:mod:`dalle_jax.inference.bundle`);
-with ``--reranker``, also a trained contrastive model (dalle_jax.stages.contrastive).
+with ``--reranker``, also a trained contrastive model (dalle_jax.stages.contrastive);
+with ``--upsampler``, a trained diffusion upsampler (dalle_jax.stages.upsampler).
 Load it with ``dalle_jax.inference.TextToImage.load(<output>)`` or
 ``python -m dalle_jax.tools.generate --bundle=<output>``.
 """
@@ -29,6 +32,9 @@ _IMAGE_TOKENIZER = flags.DEFINE_string(
 _RERANKER = flags.DEFINE_string(
     "reranker", None, "A run of the contrastive model (configs/contrastive_*.py) at the "
     "bundle's image size, to rerank candidates in generation.")
+_UPSAMPLER = flags.DEFINE_string(
+    "upsampler", None, "A run of the diffusion upsampler (configs/upsampler_*.py) whose "
+    "input is the bundle's image size, for generate --upsample.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Type of the transformer's floating-point parameters.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -46,7 +52,7 @@ def main(argv):
     start = time.perf_counter()
     report = bundle.export(_WORKDIR.value, _OUTPUT.value,
                            image_tokenizer=_IMAGE_TOKENIZER.value,
-                           reranker=_RERANKER.value, dtype=_DTYPE.value,
+                           reranker=_RERANKER.value, upsampler=_UPSAMPLER.value, dtype=_DTYPE.value,
                            step=_STEP.value, overwrite=_OVERWRITE.value, log=print)
     parts = ", ".join(f"{name} {_mb(n)}" for name, n in report.part_bytes.items())
     print(f"wrote {report.path}: transformer step {report.transformer_step} "
@@ -54,8 +60,9 @@ def main(argv):
           f"{time.perf_counter() - start:.1f}s")
     print(f"bundle {_mb(report.bundle_bytes)} ({parts})")
     if report.checkpoint_bytes:
-        which = "the bundle" if "reranker" not in report.part_bytes else (
-            "the bundle without its reranker")
+        optional = [p for p in ("reranker", "upsampler") if p in report.part_bytes]
+        which = ("the bundle without its " + " and ".join(optional) if optional
+                 else "the bundle")
         print(f"training checkpoint of step {report.transformer_step}: "
               f"{_mb(report.checkpoint_bytes)}; {which} is "
               f"{report.generation_bytes / report.checkpoint_bytes:.2f}x its size")

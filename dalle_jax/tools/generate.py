@@ -8,6 +8,8 @@ r"""Generates images from prompts with an exported bundle.
   python -m dalle_jax.tools.generate --bundle=... --variations_of=image.png --output=...
   python -m dalle_jax.tools.generate --bundle=... --prompt="a red star" --candidates=32 \
       --num_images=4 --output=...        # the reranker's best 4 of 32 (--keep_all: all)
+  python -m dalle_jax.tools.generate --bundle=... --prompt="a red star" --upsample \
+      --upsample_steps=25 --output=...   # 4x images by the bundle's diffusion upsampler
 
 Writes ``<output>/images/<prompt>/<index>.png`` for every image, one grid per prompt
 (``<output>/grids/<prompt>.png``, the prompt as its caption) and ``samples.jsonl`` with
@@ -16,7 +18,10 @@ one line per image (file, prompt, seed, index, settings, score, ...). With
 reranker (a contrastive model), and the best ``--num_images`` are kept; ``--keep_all``
 also writes every candidate (``<output>/candidates/<prompt>/<candidate>.png``) and
 ``candidates.jsonl`` with each one's score and rank. The same bundle, flags and seed give
-byte-identical PNGs.
+byte-identical PNGs. With ``--upsample`` the images are the bundle's diffusion
+upsampler's 4× versions of the stage-1 images (DDIM with ``--upsample_steps``,
+``--upsample_eta`` and the input's ``--upsample_noise``), which are also written, to
+``<output>/low_res/<prompt>/<index>.png``.
 """
 from __future__ import annotations
 
@@ -56,6 +61,15 @@ _CANDIDATES = flags.DEFINE_integer(
     "bundle's reranker scores best (default: --num_images, no reranking).", lower_bound=1)
 _KEEP_ALL = flags.DEFINE_bool("keep_all", False, "With --candidates: also write every "
                               "candidate with its rank and score.")
+_UPSAMPLE = flags.DEFINE_bool("upsample", False, "Upsample the images 4x with the bundle's "
+                              "diffusion upsampler (export --upsampler).")
+_UPSAMPLE_STEPS = flags.DEFINE_integer("upsample_steps", None, "DDIM steps of the "
+                                       "upsampler (default: its run's).", lower_bound=1)
+_UPSAMPLE_ETA = flags.DEFINE_float("upsample_eta", None, "DDIM eta of the upsampler: 0 "
+                                   "deterministic, 1 DDPM ancestral (default: its run's).")
+_UPSAMPLE_NOISE = flags.DEFINE_float(
+    "upsample_noise", None, "Noise level of the upsampler's input, a time in [0, 1) of its "
+    "schedule (noise-conditioning augmentation; default: its run's, 0).")
 _GRID_COLS = flags.DEFINE_integer("grid_cols", None, "Columns of each grid.", lower_bound=1)
 config_lib.define_debug_flag()
 
@@ -99,6 +113,10 @@ def main(argv):
         raise errors.UserError("--prime_rows needs --prime_image or --variations_of")
     if _KEEP_ALL.value and _CANDIDATES.value is None:
         raise errors.UserError("--keep_all needs --candidates (the images to choose from)")
+    upsample_flags = (_UPSAMPLE_STEPS.value, _UPSAMPLE_ETA.value, _UPSAMPLE_NOISE.value)
+    if not _UPSAMPLE.value and any(v is not None for v in upsample_flags):
+        raise errors.UserError("--upsample_steps, --upsample_eta and --upsample_noise need "
+                               "--upsample")
     prompts = _prompts(errors)
 
     from dalle_jax.inference import outputs  # pylint: disable=g-import-not-at-top
@@ -108,7 +126,8 @@ def main(argv):
     print(f"loaded {_BUNDLE.value} in {time.perf_counter() - start:.1f}s: "
           f"{model.image_size}px images from {model.grid_size}x{model.grid_size} codes, "
           f"on {model.mesh.size} device(s)"
-          + (", with a reranker" if model.reranker is not None else ""))
+          + (", with a reranker" if model.reranker is not None else "")
+          + (", with a 4x upsampler" if model.upsampler is not None else ""))
     warn = lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)
 
     prime_image = _PRIME_IMAGE.value or _VARIATIONS_OF.value
@@ -126,13 +145,17 @@ def main(argv):
         prompts, count, seed=_SEED.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, guidance_scale=_GUIDANCE.value, batch_size=_BATCH_SIZE.value,
         prime_image=prime_image, prime_rows=prime_rows or 0,
-        candidates=_CANDIDATES.value, keep_all=_KEEP_ALL.value, progress=True, warn=warn,
+        candidates=_CANDIDATES.value, keep_all=_KEEP_ALL.value, upsample=_UPSAMPLE.value,
+        upsample_steps=_UPSAMPLE_STEPS.value, upsample_eta=_UPSAMPLE_ETA.value,
+        upsample_noise_level=_UPSAMPLE_NOISE.value, progress=True, warn=warn,
         on_batch=write_batch)
     seconds = time.perf_counter() - start
-    if result.reranked:  # the kept images are known only now
-        outputs.save_images(output, names, [(r["prompt_index"], r["index"])
-                                            for r in result.records],
+    kept_rows = [(r["prompt_index"], r["index"]) for r in result.records]
+    if result.reranked or result.low_res is not None:  # the kept images are known only now
+        outputs.save_images(output, names, kept_rows,
                             result.images.reshape((-1,) + result.images.shape[2:]), count)
+    if result.low_res is not None:
+        outputs.save_low_res(output, result, names)
     if result.candidates is not None:
         outputs.save_candidates(output, result.candidates, names)
     outputs.save_grids(output, result, names, _GRID_COLS.value)
@@ -142,7 +165,8 @@ def main(argv):
     print(f"{len(result.records)} images of {len(prompts)} prompt(s) "
           + (f"(the best of {_CANDIDATES.value} each) " if result.reranked else "")
           + f"in {seconds:.1f}s ({drawn / seconds:.2f} images drawn/s: sampling "
-          f"{t['sample_s']:.1f}s, decoding {t['decode_s']:.1f}s, scoring {t['score_s']:.1f}s)"
+          f"{t['sample_s']:.1f}s, decoding {t['decode_s']:.1f}s, scoring {t['score_s']:.1f}s"
+          + (f", upsampling {t['upsample_s']:.1f}s" if "upsample_s" in t else "") + ")"
           f" -> {output}/images, grids in {output}/grids, records in {output}/samples.jsonl")
 
 
