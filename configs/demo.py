@@ -93,6 +93,9 @@ def get_config(arg=None):
         su = load_config_file(os.path.join(_HERE, "upsampler_shapes.py")
                               + (":runlocal" if arg.runlocal else ""))
         config.upsampler = su
+        if arg.runlocal:
+            su.diffusion.sample.steps = 4
+            su.train.summary_every = 0
 
     config.demo = ml_collections.ConfigDict(dict(
         # The grid: each prompt's images in a row. Test-split captions and, last, two
@@ -117,8 +120,8 @@ def get_config(arg=None):
         reranker_examples=1000,  # validation pairs for the reranker's retrieval figures
         # With :upsample: held-out images for the upsampler's PSNR and SSIM, and test
         # prompts whose generated images are judged before and after it.
-        upsampler_examples=256,
-        upsample_prompts=64,
+        upsampler_examples=128,
+        upsample_prompts=32,
     ))
 
     if arg.runlocal:

@@ -42,6 +42,7 @@ def get_config(arg=None):
         image_tokenizer_run=config_dict.placeholder(str),
         round_trip_prob=0.5,
         noise_aug_max=0.5,
+        residual=False,  # unCLIP diffuses the image itself
         eval_split="validation",
     ))
     config.diffusion = ml_collections.ConfigDict(dict(

@@ -69,7 +69,8 @@ def test_every_record_is_complete_and_on_disk(runs):
         for f in record["figures"]:
             if f["value"] is None:  # not measured here, and the note says why
                 assert (name == "dvae" and not HAVE_DALL_E) or (
-                    name == "generate" and "run make demo first" in f["note"]), f["name"]
+                    name == "generate" and "run make demo first" in f["note"]) or (
+                    name == "upsample" and "run make demo-upsample" in f["note"]), f["name"]
                 continue
             assert math.isfinite(f["value"]), f["name"]
             assert (f["met"] is None) == (f["target"] is None), f["name"]
@@ -244,3 +245,15 @@ def test_generate_measures_the_path_end_to_end_against_the_sampler(runs):
     demo = figures["demo: whole job (make demo)"]
     assert demo["target"] == {"op": "<=", "value": 1200}
     assert demo["value"] is not None or "run make demo first" in demo["note"]
+
+
+def test_upsample_measures_each_step_count_and_reports_the_demo(runs):
+    record = runs[1]["upsample"]
+    steps = record["config"]["bench"]["steps"]
+    speed = [f for f in record["figures"] if f["unit"] == "images/s"]
+    assert [f["name"].split(", ")[1] for f in speed] == [f"{s} DDIM steps" for s in steps]
+    assert all(f["value"] > 0 for f in speed)
+    assert set(record["details"]["seconds"]) == {str(s) for s in steps}
+    names = {f["name"]: f for f in record["figures"]}
+    training = names["upsampler training (make demo-upsample)"]
+    assert training["target"] == {"op": "<=", "value": 900}

@@ -74,3 +74,27 @@ def test_the_demo_runs_every_stage_and_continues_after_an_interruption(tmp_path)
     third = subprocess.run(_command(tmp_path), cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
     assert third.returncode == 0 and third.stdout.count("done already") == 9
+
+    # make demo-upsample: every stage of the demo is kept; the upsampler is trained on the
+    # dataset at 4x, the bundle re-exported with it, the images upsampled and evaluated.
+    upsample = [arg.replace(":runlocal", ":runlocal,upsample") for arg in _command(tmp_path)]
+    fourth = subprocess.run(upsample, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = fourth.stdout + fourth.stderr
+    assert fourth.returncode == 0, out[-3000:]
+    assert fourth.stdout.count("done already") == 6, out[-3000:]
+    for header in ("[7/11] dataset for the upsampler", "[8/11] upsampler", "[9/11] export",
+                   "[11/11] evaluate"):
+        assert header in out
+    manifest = json.loads((workdir / "bundle" / "manifest.json").read_text())
+    assert manifest["parts"]["upsampler"]["source"]["step"] == 6
+    records = [json.loads(r) for r in
+               (workdir / "samples" / "samples.jsonl").read_text().splitlines()]
+    assert all(r["upsample"]["steps"] == 4 for r in records)
+    image = np.asarray(Image.open(workdir / "samples" / records[0]["file"]))
+    assert image.shape == (128, 128, 3)
+    comparison = np.asarray(Image.open(workdir / "upsample_grid.png"))
+    assert comparison.shape[1] > 3 * 128 and comparison.shape[0] >= 7 * 128
+    evaluation = json.loads((workdir / "evaluation.json").read_text())
+    assert evaluation["upsampler"]["held_out"]["images"] == 8
+    assert evaluation["upsampler"]["fidelity"]["upsampled"]["image_size"] == 128
+    assert "upsampler 32 -> 128 px" in fourth.stdout

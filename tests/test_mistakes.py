@@ -38,6 +38,7 @@ VARIANTS = {
     "bench_dvae.py": ["", "runlocal"],
     "bench_input.py": ["", "runlocal"],
     "bench_transformer.py": ["", "runlocal"],
+    "bench_upsample.py": ["", "runlocal"],
     "contrastive_photos.py": ["", "loss=softmax", "coco", "runlocal"],
     "contrastive_shapes.py": ["", "loss=softmax", "runlocal", "loss=softmax,runlocal"],
     "convert_images.py": [""],

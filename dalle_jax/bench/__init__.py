@@ -1,6 +1,6 @@
 """Benchmarks: one module per benchmark, the JSON record of a run, the results page.
 
-``python -m dalle_jax.tools.bench <input|dvae|transformer|checkpoint|generate|scale|all|report>`` runs them;
+``python -m dalle_jax.tools.bench <input|dvae|transformer|checkpoint|generate|scale|upsample|all|report>`` runs them;
 each benchmark reads ``configs/bench_<name>.py`` (its targets included) and writes
 ``benchmarks/<name>.json``, from which ``BENCHMARKS.md`` is rendered.
 """
@@ -51,4 +51,11 @@ BENCHMARKS = {b.name: b for b in (
               "rules, the smallest v5e slice that holds it, and the largest model of the "
               "paper's shape each slice holds.",
               "dalle_jax.bench.scale"),
+    Benchmark("upsample", "DALL·E 2: the 4x diffusion upsampler",
+              "DDIM sampling from the demo's 32 px to 128 px at 10, 25 and 50 steps "
+              "(images/s), and from make demo-upsample: the upsampler's training time, "
+              "PSNR and SSIM against bicubic on held-out images, the consistency of its "
+              "outputs with its inputs, and the fidelity of generated images before and "
+              "after it.",
+              "dalle_jax.bench.upsample"),
 )}

@@ -6,10 +6,14 @@ plus one step of ours):
 
 1. an area downsample by the upsampling factor (the mean of each factor × factor
    block, which is also how the evaluation takes an output back down);
-2. with ``blur_prob``, a Gaussian blur of standard deviation ``blur_sigma`` pixels;
-3. with ``round_trip_prob``, a round trip through the stage-1 image tokenizer (encode
-   to codes, decode), since at generation time the input is a stage-1 decoding and its
-   artefacts are what the upsampler must learn to see through.
+2. for a ``blur_prob`` share of each batch, a Gaussian blur of standard deviation
+   ``blur_sigma`` pixels;
+3. for a ``round_trip_prob`` share, a round trip through the stage-1 image tokenizer
+   (encode to codes, decode), since at generation time the input is a stage-1 decoding
+   and its artefacts are what the upsampler must learn to see through.
+
+The shares are exact (``round(p · B)`` rows drawn at random), so that the round trip, a
+jitted function, always sees one batch shape and compiles once.
 
 The random choices of batch ``k`` come from ``(seed, process, k)``, and the iterator's
 state holds ``k`` beside the wrapped pipeline's, so a resumed run makes the same pairs.
@@ -46,6 +50,13 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round(images), 0, 255).astype(np.uint8)
 
 
+def _share(rng: np.random.Generator, count: int, fraction: float) -> np.ndarray:
+    """``round(fraction · count)`` rows of ``count``, drawn at random (bool [count])."""
+    chosen = np.zeros(count, bool)
+    chosen[rng.permutation(count)[:int(round(fraction * count))]] = True
+    return chosen
+
+
 def degrade(images: np.ndarray, rng: np.random.Generator, *, factor: int,
             blur_sigma: float = 0.0, blur_prob: float = 0.0,
             round_trip: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -54,12 +65,11 @@ def degrade(images: np.ndarray, rng: np.random.Generator, *, factor: int,
     rows were blurred and which went through the round trip (bool [B] each)."""
     low = area_downsample(images, factor)
     count = len(images)
-    blurred = rng.random(count) < blur_prob if blur_sigma > 0 else np.zeros(count, bool)
+    blurred = _share(rng, count, blur_prob if blur_sigma > 0 else 0.0)
     if blurred.any():
         low[blurred] = gaussian_blur(low[blurred], blur_sigma)
     low = to_uint8(low)
-    tripped = (rng.random(count) < round_trip_prob if round_trip is not None
-               else np.zeros(count, bool))
+    tripped = _share(rng, count, round_trip_prob if round_trip is not None else 0.0)
     if tripped.any():
         low[tripped] = round_trip(low[tripped])
     return low, {"blurred": blurred, "round_trip": tripped}

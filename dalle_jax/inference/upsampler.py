@@ -118,7 +118,9 @@ class Upsampler:
                 return stage.upsample(self.model, params, low, keys, schedule=self.schedule,
                                       prediction=self.prediction, factor=self.factor,
                                       steps=settings.steps, eta=settings.eta,
-                                      noise_level=settings.noise_level)
+                                      noise_level=settings.noise_level,
+                                      residual=bool(self.config.upsampler.get("residual",
+                                                                              False)))
         self._samplers[settings] = jax.jit(run, out_shardings=self._batch)
         return self._samplers[settings]
 

@@ -15,6 +15,13 @@ low-resolution grid) and, being fully convolutional, upsamples whole images.
 Loss: continuous time ``t ~ U(0, 1)``, ``z = α x + σ ε``, the plain MSE of the model's
 prediction in its own parameterisation (``config.diffusion.prediction``, v by
 default: the x0 MSE weighted by 1 + SNR, see :mod:`dalle_jax.diffusion.parameterization`).
+
+With ``config.upsampler.residual`` the diffused image ``x`` is the residual of the high-
+resolution image over the bicubic upsampling of its input (before the augmentation's
+noise), added back after sampling. Where the noise hides everything, the best guess of
+a residual is 0, i.e. bicubic, rather than a whole image the model must draw from its
+input channels; a small model trained briefly then keeps the input's colours and levels
+(docs/experiments/upsampler.md).
 """
 from __future__ import annotations
 
@@ -116,13 +123,15 @@ def denoiser(model: unet_lib.UNet, params):
 
 def upsample(model: unet_lib.UNet, params, low: jax.Array, keys: jax.Array, *,
              schedule: schedules.Schedule, prediction: str, factor: int, steps: int,
-             eta: float = 0.0, noise_level: float = 0.0) -> jax.Array:
+             eta: float = 0.0, noise_level: float = 0.0, residual: bool = False
+             ) -> jax.Array:
     """uint8 low-resolution images [B, h, w, 3] → uint8 [B, h·f, w·f, 3] by DDIM
     (``eta`` 0: deterministic given the keys, 1: DDPM ancestral) over ``steps`` steps.
 
     ``keys`` [B] are one per image (its starting noise, its augmentation noise and its
     sampling noise), so an image's result does not depend on its batch. ``noise_level``
-    in [0, 1) is the augmentation time of the input.
+    in [0, 1) is the augmentation time of the input. ``residual``: the model draws the
+    residual over bicubic (see the module's docstring).
     """
     low = to_unit(low)
     b, h, w, c = low.shape
@@ -136,6 +145,8 @@ def upsample(model: unet_lib.UNet, params, low: jax.Array, keys: jax.Array, *,
     x0 = diffusion_sampler.sample(denoiser(model, params), schedule, z, sample_keys,
                                   steps=steps, kind=prediction, eta=eta, cond=cond,
                                   clip_x0=True)
+    if residual:
+        x0 = x0 + upsample_input(low, factor)
     return to_uint8(x0)
 
 
@@ -159,6 +170,7 @@ class UpsamplerTask:
         self.factor = u.factor
         parameterization.validate_kind(config.diffusion.prediction)
         self.prediction = config.diffusion.prediction
+        self.residual = bool(u.get("residual", False))
         self.schedule = schedules.from_config(config.diffusion.schedule)
         self.model_config = model_config(config)
         self.model = unet_lib.UNet(self.model_config)
@@ -212,8 +224,14 @@ class UpsamplerTask:
         t_aug = jax.random.uniform(aug_rng, (b,), maxval=self.config.upsampler.noise_aug_max)
         low_aug, aug_logsnr = augment_input(
             low, t_aug, jax.random.normal(aug_noise_rng, low.shape), self.schedule)
-        high, cond = crop_pairs(crop_rng, high, upsample_input(low_aug, self.factor),
-                                self.crop_size, self.factor)
+        # The conditioning image and the bicubic base, cropped with the image.
+        inputs = jnp.concatenate([upsample_input(low_aug, self.factor),
+                                  upsample_input(low, self.factor)], -1)
+        high, inputs = crop_pairs(crop_rng, high, inputs, self.crop_size, self.factor)
+        cond, base = inputs[..., :3], inputs[..., 3:]
+        image = high
+        if self.residual:
+            high = high - base
 
         t = jax.random.uniform(t_rng, (b,))
         logsnr = self.schedule.logsnr(t)
@@ -226,7 +244,9 @@ class UpsamplerTask:
         target = parameterization.target(high, eps, logsnr, self.prediction)
         per_example = jnp.mean((prediction - target) ** 2, axis=(1, 2, 3))
         x0, _ = parameterization.to_x0_eps(prediction, z, logsnr, self.prediction)
-        x0_mse = jnp.mean((jnp.clip(x0, -1, 1) - high) ** 2, axis=(1, 2, 3))
+        if self.residual:
+            x0 = x0 + base
+        x0_mse = jnp.mean((jnp.clip(x0, -1, 1) - image) ** 2, axis=(1, 2, 3))
         metrics = {"x0_mse": jnp.sum(x0_mse * weights) / count,
                    "noise_aug_t": jnp.sum(t_aug * weights) / count}
         return jnp.sum(per_example * weights) / count, metrics, model_state
@@ -278,7 +298,8 @@ class UpsamplerTask:
         if self._summary_sample is None:
             self._summary_sample = jax.jit(lambda p, low, keys: upsample(
                 self.model, p, low, keys, schedule=self.schedule,
-                prediction=self.prediction, factor=self.factor, steps=SUMMARY_STEPS))
+                prediction=self.prediction, factor=self.factor, steps=SUMMARY_STEPS,
+                residual=self.residual))
         low = np.asarray(batch["low_res"][:SUMMARY_IMAGES])
         keys = jax.random.split(jax.random.key(0), len(low))
         ours = np.asarray(self._summary_sample(params, low, keys))
