@@ -29,7 +29,7 @@ def get_config(arg=None):
     config.demo_report = "runs/demo/demo_report.json"
     config.demo_evaluation = "runs/demo/evaluation.json"
     config.bench = ml_collections.ConfigDict(dict(
-        batch_size=32,
+        batch_size=8,  # a demo prompt's images
         steps=(10, 25, 50),
         repeats=3,
     ))
