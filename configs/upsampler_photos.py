@@ -49,7 +49,7 @@ def get_config(arg=None):
         schedule=dict(name="cosine", logsnr_min=-20.0, logsnr_max=20.0, shift=0.0,
                       beta_min=0.1, beta_max=20.0),
         prediction="v",
-        sample=dict(steps=27, eta=0.0, noise_level=0.0),
+        sample=dict(steps=27, eta=0.0, noise_level=0.0, t_start=1.0),
     ))
     config.model = ml_collections.ConfigDict(dict(
         base_width=320,

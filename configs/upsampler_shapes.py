@@ -57,7 +57,7 @@ def get_config(arg=None):
                       beta_min=0.1, beta_max=20.0),
         prediction="v",  # eps | x0 | v
         # Generation's defaults (dalle_jax.tools.generate --upsample).
-        sample=dict(steps=25, eta=0.0, noise_level=0.0),
+        sample=dict(steps=25, eta=0.0, noise_level=0.0, t_start=1.0),
     ))
     config.model = ml_collections.ConfigDict(dict(
         base_width=16,

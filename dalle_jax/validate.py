@@ -1059,6 +1059,7 @@ RULES: dict[str, Rule] = {
     "diffusion.sample.steps": rule(POSITIVE_INT),
     "diffusion.sample.eta": rule(number(0, 1)),
     "diffusion.sample.noise_level": rule(FRACTION),
+    "diffusion.sample.t_start": rule(number(0, 1, low_open=True)),
     # convert_images (configs/convert_images.py).
     "input_dir": rule(one_input, existing_directory, jobs=("convert_images",), io=True),
     "manifest": rule(manifest_file, jobs=("convert_images",), io=True),

@@ -208,6 +208,7 @@ def test_sampling_on_eight_devices_equals_one_device(config, params, upsampler):
     (dict(steps=0), "steps must be a positive integer"),
     (dict(eta=1.5), r"eta must lie in \[0, 1\]"),
     (dict(noise_level=1.0), r"noise_level must lie in \[0, 1\)"),
+    (dict(t_start=0.0), r"t_start must lie in \(0, 1\]"),
 ])
 def test_bad_settings_are_refused(upsampler, kwargs, match):
     low = np.zeros((1, 8, 8, 3), np.uint8)
@@ -247,8 +248,8 @@ class _Perfect:
         np.testing.assert_array_equal(low, upsampler_eval.downsample(self.originals, 4))
         return self.originals
 
-    def settings(self, steps=None, eta=None):
-        return upsampler_lib.UpsampleSettings(steps or 25, eta or 0.0)
+    def settings(self, steps=None, eta=None, t_start=None):
+        return upsampler_lib.UpsampleSettings(steps or 25, eta or 0.0, 0.0, t_start or 1.0)
 
 
 def test_held_out_scores_the_upsampler_beside_bicubic():
@@ -321,7 +322,8 @@ def test_the_bundle_carries_the_upsampler_and_generate_upsamples(trained, tmp_pa
                                                                                  16, 3)
     np.testing.assert_array_equal(result.low_res, model.generate(test_bundle.PROMPTS, 2,
                                                                  seed=3).images)
-    assert result.records[0]["upsample"] == {"steps": 2, "eta": 0.0, "noise_level": 0.0}
+    assert result.records[0]["upsample"] == {"steps": 2, "eta": 0.0, "noise_level": 0.0,
+                                             "t_start": 1.0}
     assert result.timings["upsample_s"] > 0
     again = model.generate(test_bundle.PROMPTS[1:], 2, seed=3, upsample=True,
                            upsample_steps=2)
@@ -365,3 +367,11 @@ def test_the_bundle_carries_the_upsampler_and_generate_upsamples(trained, tmp_pa
     fid = evaluation["upsampler"]["fidelity"]
     assert fid["low_res"]["image_size"] == 16 and fid["upsampled"]["image_size"] == 64
     assert "upsampler 16 -> 64 px" in evaluate.table(evaluation)
+
+
+def test_starting_from_bicubic_stays_near_it_at_a_low_start(upsampler):
+    low = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    cubic = upsampler_eval.bicubic(low, 4).astype(int)
+    near = upsampler.upsample(low, steps=2, t_start=0.001).astype(int)
+    far = upsampler.upsample(low, steps=2, t_start=1.0).astype(int)
+    assert np.abs(near - cubic).mean() < 2 < np.abs(far - cubic).mean()

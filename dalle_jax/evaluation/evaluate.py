@@ -196,6 +196,7 @@ def fidelity(model, prompts: list[str], *, images_per_prompt: int, seed: int,
 def upsampled_fidelity(model, prompts: list[str], *, images_per_prompt: int, seed: int,
                        batch_size: int | None = None, progress: bool = False,
                        upsample_steps: int | None = None,
+                       upsample_t_start: float | None = None,
                        log: Callable[[str], None] = lambda _: None,
                        **settings: Any) -> dict[str, Any]:
     """The attribute checker's rates on generated images at the stage-1 size and after
@@ -204,7 +205,7 @@ def upsampled_fidelity(model, prompts: list[str], *, images_per_prompt: int, see
         "test prompts")
     result = model.generate(prompts, images_per_prompt, seed=seed, batch_size=batch_size,
                             progress=progress, upsample=True, upsample_steps=upsample_steps,
-                            **settings)
+                            upsample_t_start=upsample_t_start, **settings)
     out: dict[str, Any] = {"prompts": len(prompts), "images": len(result.records),
                            "upsample_steps": result.records[0]["upsample"]["steps"]}
     for name, images in (("low_res", result.low_res), ("upsampled", result.images)):
@@ -225,7 +226,8 @@ def evaluate(model, *, data_dir: str | None = None, stage_split: str = "validati
              rerank_prompts: int = 64, rerank_candidates: tuple[int, ...] = (8, 32),
              rerank_seeds: tuple[int, ...] = (0, 1, 2), reranker_examples: int = 1000,
              upsampler_examples: int = 256, upsample_prompts: int = 64,
-             upsample_steps: int | None = None, log: Callable[[str], None] = lambda _: None, **settings: Any) -> dict[str, Any]:
+             upsample_steps: int | None = None, upsample_t_start: float | None = None,
+             log: Callable[[str], None] = lambda _: None, **settings: Any) -> dict[str, Any]:
     """Every measure of the bundle ``model`` (a :class:`TextToImage`); the fidelity
     parts only for captioned shapes, each image the reranker's best of ``candidates``
     when given (with the rates of a random candidate beside). With a reranker in the
@@ -294,12 +296,14 @@ def evaluate(model, *, data_dir: str | None = None, stage_split: str = "validati
         log(f"upsampler on {upsampler_examples} {stage_split} images")
         images, _ = contrastive.split_pairs(u_data, stage_split, upsampler_examples)
         report["upsampler"] = {"split": stage_split, "held_out": upsampler_eval.held_out(
-            model.upsampler, images, steps=upsample_steps, seed=seed)}
+            model.upsampler, images, steps=upsample_steps, seed=seed,
+            t_start=upsample_t_start)}
         if data.name == SHAPES and upsample_prompts > 0:
             report["upsampler"]["fidelity"] = upsampled_fidelity(
                 model, split_prompts(data, "test", upsample_prompts),
                 images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size,
-                progress=progress, upsample_steps=upsample_steps, log=log, **settings)
+                progress=progress, upsample_steps=upsample_steps,
+                upsample_t_start=upsample_t_start, log=log, **settings)
         report["seconds"]["upsampler"] = round(time.perf_counter() - start, 1)
     return report
 

@@ -52,16 +52,17 @@ def _summary(values: np.ndarray) -> float:
 
 
 def held_out(upsampler, images: np.ndarray, *, steps: int | None = None, seed: int = 0,
-             eta: float | None = None) -> dict[str, Any]:
+             eta: float | None = None, t_start: float | None = None) -> dict[str, Any]:
     """PSNR and SSIM at the high resolution, of the upsampler and of bicubic, and the
     consistency (the output downsampled against the input) of both, on uint8 images
     [N, H, W, 3] at the upsampler's high resolution."""
     factor = upsampler.factor
     low = downsample(images, factor)
-    ours = upsampler.upsample(low, seed=seed, steps=steps, eta=eta)
+    ours = upsampler.upsample(low, seed=seed, steps=steps, eta=eta, t_start=t_start)
     cubic = bicubic(low, factor)
-    settings = upsampler.settings(steps, eta)
+    settings = upsampler.settings(steps, eta, t_start=t_start)
     report = {"images": len(images), "steps": settings.steps, "eta": settings.eta,
+              "t_start": settings.t_start,
               "low_size": upsampler.low_size, "high_size": upsampler.high_size}
     for name, up in (("diffusion", ours), ("bicubic", cubic)):
         report[name] = {"psnr": _summary(psnr(up, images)),
@@ -74,8 +75,9 @@ def held_out(upsampler, images: np.ndarray, *, steps: int | None = None, seed: i
 def report_lines(report: dict[str, Any]) -> list[str]:
     """The headline lines of the upsampler's part of an evaluation report."""
     h = report["held_out"]
+    start = "" if h.get("t_start", 1.0) == 1.0 else f" from t {h['t_start']:g}"
     lines = [f"upsampler {h['low_size']} -> {h['high_size']} px ({report['split']}, "
-             f"{h['images']} images, {h['steps']} DDIM steps):      diffusion   bicubic"]
+             f"{h['images']} images, {h['steps']} DDIM steps{start}):      diffusion   bicubic"]
     for label, key, unit in (("PSNR", "psnr", " dB"), ("SSIM", "ssim", ""),
                              ("consistency (down again vs input)", "consistency_psnr", " dB")):
         lines.append(f"  {label:<44}{h['diffusion'][key]:>9}{unit:<3}"

@@ -255,7 +255,8 @@ class TextToImage:
                  prime_rows: int = 0, candidates: int | None = None,
                  keep_all: bool = False, upsample: bool = False,
                  upsample_steps: int | None = None, upsample_eta: float | None = None,
-                 upsample_noise_level: float | None = None, progress: bool = False,
+                 upsample_noise_level: float | None = None,
+                 upsample_t_start: float | None = None, progress: bool = False,
                  warn: Callable[[str], None] = logging.warning,
                  on_batch: Callable[[list[tuple[int, int]], np.ndarray], None] | None = None
                  ) -> Generation:
@@ -274,8 +275,9 @@ class TextToImage:
 
         ``upsample`` runs the bundle's diffusion upsampler on the kept images (after
         reranking, which scores the stage-1 images): ``images`` are then 4× the size and
-        ``low_res`` holds the stage-1 ones. DDIM steps, eta and the input's noise level
-        default to the upsampler's run (``config.diffusion.sample``).
+        ``low_res`` holds the stage-1 ones. DDIM steps, eta, the input's noise level and
+        the start time (< 1: from bicubic, noised) default to the upsampler's run
+        (``config.diffusion.sample``).
 
         A progress bar (``progress``) counts batches; ``on_batch(rows, images)`` sees
         each batch's (prompt index, image index) rows and images as they are made (not
@@ -330,7 +332,7 @@ class TextToImage:
                     "--upsampler=<an upsampler run> (dalle_jax.tools.export)")
             try:
                 upsample_settings = self.upsampler.settings(
-                    upsample_steps, upsample_eta, upsample_noise_level)
+                    upsample_steps, upsample_eta, upsample_noise_level, upsample_t_start)
             except upsampler_lib.UpsampleError as e:
                 raise GenerateError(str(e)) from None
         bar = tqdm.tqdm(starts, desc="generating", unit="batch", disable=not progress)
@@ -405,7 +407,8 @@ class TextToImage:
             low = result.images.reshape((-1,) + result.images.shape[2:])
             high = self.upsampler.upsample(low, keys=up_keys, steps=upsample_settings.steps,
                                            eta=upsample_settings.eta,
-                                           noise_level=upsample_settings.noise_level)
+                                           noise_level=upsample_settings.noise_level,
+                                           t_start=upsample_settings.t_start)
             result.low_res = result.images
             result.images = high.reshape((count, num_images) + high.shape[1:])
             timings["upsample_s"] = time.perf_counter() - began

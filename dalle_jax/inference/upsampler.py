@@ -38,6 +38,7 @@ class UpsampleSettings:
     steps: int = 25
     eta: float = 0.0
     noise_level: float = 0.0
+    t_start: float = 1.0  # < 1: start from bicubic noised to this time (SDEdit)
 
     def check(self) -> None:
         if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1:
@@ -47,6 +48,8 @@ class UpsampleSettings:
         if not 0.0 <= self.noise_level < 1.0:
             raise UpsampleError(f"upsample noise_level must lie in [0, 1), got "
                                 f"{self.noise_level}")
+        if not 0.0 < self.t_start <= 1.0:
+            raise UpsampleError(f"upsample t_start must lie in (0, 1], got {self.t_start}")
 
 
 @dataclasses.dataclass
@@ -67,7 +70,8 @@ class Upsampler:
         sample = self.config.diffusion.get("sample", {})
         self.default_settings = UpsampleSettings(
             steps=int(sample.get("steps", 25)), eta=float(sample.get("eta", 0.0)),
-            noise_level=float(sample.get("noise_level", 0.0)))
+            noise_level=float(sample.get("noise_level", 0.0)),
+            t_start=float(sample.get("t_start", 1.0)))
         self._rules = sharding_lib.logical_rules(self.config.sharding)
         self._batch = sharding_lib.batch_sharding(self.mesh)
         self._samplers: dict[UpsampleSettings, Any] = {}  # compiled, by settings
@@ -94,7 +98,8 @@ class Upsampler:
         return cls(config, loaded.variables["params"], mesh, loaded.step)
 
     def settings(self, steps: int | None = None, eta: float | None = None,
-                 noise_level: float | None = None) -> UpsampleSettings:
+                 noise_level: float | None = None,
+                 t_start: float | None = None) -> UpsampleSettings:
         """The run's sampling defaults (``config.diffusion.sample``) with overrides,
         checked."""
         d = self.default_settings
@@ -102,10 +107,11 @@ class Upsampler:
             settings = UpsampleSettings(
                 steps=d.steps if steps is None else steps,
                 eta=d.eta if eta is None else float(eta),
-                noise_level=d.noise_level if noise_level is None else float(noise_level))
+                noise_level=d.noise_level if noise_level is None else float(noise_level),
+                t_start=d.t_start if t_start is None else float(t_start))
         except (TypeError, ValueError):
-            raise UpsampleError(f"upsample eta and noise_level must be numbers, got "
-                                f"{eta!r} and {noise_level!r}") from None
+            raise UpsampleError(f"upsample eta, noise_level and t_start must be numbers, got "
+                                f"{eta!r}, {noise_level!r} and {t_start!r}") from None
         settings.check()
         return dataclasses.replace(settings, steps=int(settings.steps))
 
@@ -119,6 +125,7 @@ class Upsampler:
                                       prediction=self.prediction, factor=self.factor,
                                       steps=settings.steps, eta=settings.eta,
                                       noise_level=settings.noise_level,
+                                      t_start=settings.t_start,
                                       residual=bool(self.config.upsampler.get("residual",
                                                                               False)))
         self._samplers[settings] = jax.jit(run, out_shardings=self._batch)
@@ -126,7 +133,8 @@ class Upsampler:
 
     def upsample(self, images: Any, *, keys: jax.Array | None = None, seed: int = 0,
                  steps: int | None = None, eta: float | None = None,
-                 noise_level: float | None = None) -> np.ndarray:
+                 noise_level: float | None = None,
+                 t_start: float | None = None) -> np.ndarray:
         """uint8 images [B, h, w, 3] at the run's low resolution → uint8 [B, f·h, f·w, 3].
 
         ``keys`` [B] (one per image) or else ``seed``: image ``i`` is drawn with
@@ -138,7 +146,7 @@ class Upsampler:
                                 f"{list(images.shape)}")
         if images.dtype != np.uint8:
             raise UpsampleError(f"the upsampler takes uint8 images, got {images.dtype}")
-        settings = self.settings(steps, eta, noise_level)
+        settings = self.settings(steps, eta, noise_level, t_start)
         if keys is None:
             base = jax.random.key(seed)
             keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(np.arange(len(images)))

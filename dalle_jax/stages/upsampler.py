@@ -123,15 +123,17 @@ def denoiser(model: unet_lib.UNet, params):
 
 def upsample(model: unet_lib.UNet, params, low: jax.Array, keys: jax.Array, *,
              schedule: schedules.Schedule, prediction: str, factor: int, steps: int,
-             eta: float = 0.0, noise_level: float = 0.0, residual: bool = False
-             ) -> jax.Array:
+             eta: float = 0.0, noise_level: float = 0.0, residual: bool = False,
+             t_start: float = 1.0) -> jax.Array:
     """uint8 low-resolution images [B, h, w, 3] → uint8 [B, h·f, w·f, 3] by DDIM
     (``eta`` 0: deterministic given the keys, 1: DDPM ancestral) over ``steps`` steps.
 
     ``keys`` [B] are one per image (its starting noise, its augmentation noise and its
     sampling noise), so an image's result does not depend on its batch. ``noise_level``
     in [0, 1) is the augmentation time of the input. ``residual``: the model draws the
-    residual over bicubic (see the module's docstring).
+    residual over bicubic (see the module's docstring). ``t_start`` < 1 starts the
+    sampler from the bicubic upsampling noised to that time (SDEdit), not from noise:
+    fewer steps, and nearer bicubic the lower it is.
     """
     low = to_unit(low)
     b, h, w, c = low.shape
@@ -142,11 +144,15 @@ def upsample(model: unet_lib.UNet, params, low: jax.Array, keys: jax.Array, *,
     low_aug, aug_logsnr = augment_input(low, t_aug, aug_noise, schedule)
     cond = {"image": upsample_input(low_aug, factor), "noise_level": aug_logsnr}
     z = jax.vmap(lambda k: jax.random.normal(k, (h * factor, w * factor, c)))(start_keys)
+    base = upsample_input(low, factor)
+    if t_start < 1.0:
+        alpha, sigma = schedules.alpha_sigma(schedule.logsnr(jnp.asarray(t_start)))
+        z = sigma * z + (0.0 if residual else alpha * base)  # the residual of bicubic is 0
     x0 = diffusion_sampler.sample(denoiser(model, params), schedule, z, sample_keys,
                                   steps=steps, kind=prediction, eta=eta, cond=cond,
-                                  clip_x0=True)
+                                  clip_x0=True, t_start=t_start)
     if residual:
-        x0 = x0 + upsample_input(low, factor)
+        x0 = x0 + base
     return to_uint8(x0)
 
 

@@ -63,6 +63,9 @@ _UPSAMPLE_PROMPTS = flags.DEFINE_integer(
     "upsampler (0: skip).", lower_bound=0)
 _UPSAMPLE_STEPS = flags.DEFINE_integer("upsample_steps", None, "DDIM steps of the "
                                        "upsampler (default: its run's).", lower_bound=1)
+_UPSAMPLE_T_START = flags.DEFINE_float(
+    "upsample_t_start", None, "Start the upsampler from bicubic noised to this time in "
+    "(0, 1] (default: its run's).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Default: the bundle's.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Default: the bundle's.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Default: the bundle's.")
@@ -98,6 +101,7 @@ def main(argv):
         reranker_examples=_RERANKER_EXAMPLES.value,
         upsampler_examples=_UPSAMPLER_EXAMPLES.value,
         upsample_prompts=_UPSAMPLE_PROMPTS.value, upsample_steps=_UPSAMPLE_STEPS.value,
+        upsample_t_start=_UPSAMPLE_T_START.value,
         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
         guidance_scale=_GUIDANCE.value)
     report["seconds"]["total"] = round(time.perf_counter() - start, 1)

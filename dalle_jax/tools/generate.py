@@ -70,6 +70,9 @@ _UPSAMPLE_ETA = flags.DEFINE_float("upsample_eta", None, "DDIM eta of the upsamp
 _UPSAMPLE_NOISE = flags.DEFINE_float(
     "upsample_noise", None, "Noise level of the upsampler's input, a time in [0, 1) of its "
     "schedule (noise-conditioning augmentation; default: its run's, 0).")
+_UPSAMPLE_T_START = flags.DEFINE_float(
+    "upsample_t_start", None, "Start the upsampler's sampling from the bicubic image "
+    "noised to this time in (0, 1] (1: from noise; default: its run's).")
 _GRID_COLS = flags.DEFINE_integer("grid_cols", None, "Columns of each grid.", lower_bound=1)
 config_lib.define_debug_flag()
 
@@ -113,10 +116,11 @@ def main(argv):
         raise errors.UserError("--prime_rows needs --prime_image or --variations_of")
     if _KEEP_ALL.value and _CANDIDATES.value is None:
         raise errors.UserError("--keep_all needs --candidates (the images to choose from)")
-    upsample_flags = (_UPSAMPLE_STEPS.value, _UPSAMPLE_ETA.value, _UPSAMPLE_NOISE.value)
+    upsample_flags = (_UPSAMPLE_STEPS.value, _UPSAMPLE_ETA.value, _UPSAMPLE_NOISE.value,
+                      _UPSAMPLE_T_START.value)
     if not _UPSAMPLE.value and any(v is not None for v in upsample_flags):
-        raise errors.UserError("--upsample_steps, --upsample_eta and --upsample_noise need "
-                               "--upsample")
+        raise errors.UserError("--upsample_steps, --upsample_eta, --upsample_noise and "
+                               "--upsample_t_start need --upsample")
     prompts = _prompts(errors)
 
     from dalle_jax.inference import outputs  # pylint: disable=g-import-not-at-top
@@ -147,7 +151,8 @@ def main(argv):
         prime_image=prime_image, prime_rows=prime_rows or 0,
         candidates=_CANDIDATES.value, keep_all=_KEEP_ALL.value, upsample=_UPSAMPLE.value,
         upsample_steps=_UPSAMPLE_STEPS.value, upsample_eta=_UPSAMPLE_ETA.value,
-        upsample_noise_level=_UPSAMPLE_NOISE.value, progress=True, warn=warn,
+        upsample_noise_level=_UPSAMPLE_NOISE.value,
+        upsample_t_start=_UPSAMPLE_T_START.value, progress=True, warn=warn,
         on_batch=write_batch)
     seconds = time.perf_counter() - start
     kept_rows = [(r["prompt_index"], r["index"]) for r in result.records]
