@@ -791,7 +791,10 @@ def test_interrupting_the_launcher_stops_the_job_everywhere(cloud, sig):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cloud.env())
     try:
         deadline = time.monotonic() + 30
-        while not all((cloud.home(n) / "dalle_jax" / ".job.pid").exists() for n in range(2)):
+        # Both jobs running (their own pid files written), so the launcher is waiting on
+        # them, not still starting them, when the signal comes.
+        while not all((cloud.home(n) / "dalle_jax" / ".job.pid").exists()
+                      and (cloud.home(n) / "job_pid").exists() for n in range(2)):
             assert time.monotonic() < deadline and launcher.poll() is None
             time.sleep(0.05)
         launcher.send_signal(sig)
