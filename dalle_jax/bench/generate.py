@@ -94,7 +94,9 @@ def random_bundle(config: ml_collections.ConfigDict, path: str, workdir: str) ->
     return path
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+    """The median wall time of ``fn()`` (waited for) over ``repeats`` calls, and every
+    time."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -172,10 +174,10 @@ def measure(config: ml_collections.ConfigDict, *, workdir: str,
     log(f"sampler alone, batch {batch}")
     sample = lambda: model.sampler.sample(text, keys=keys, settings=settings)
     codes = sample()  # compile
-    sample_s, sample_all = _median_time(sample, b.repeats)
+    sample_s, sample_all = median_time(sample, b.repeats)
     log("decoder alone")
     model.decode(codes)
-    decode_s, _ = _median_time(lambda: model.decode(codes), b.repeats)
+    decode_s, _ = median_time(lambda: model.decode(codes), b.repeats)
 
     total = b.prompts * b.images_per_prompt
     out = os.path.join(workdir, "generated")
@@ -189,7 +191,7 @@ def measure(config: ml_collections.ConfigDict, *, workdir: str,
 
     log(f"generate with PNGs, {total} images")
     generate()
-    generate_s, _ = _median_time(generate, b.repeats)
+    generate_s, _ = median_time(generate, b.repeats)
 
     score_s = rerank_s = None
     if model.reranker is not None:
@@ -197,12 +199,12 @@ def measure(config: ml_collections.ConfigDict, *, workdir: str,
         images = model.decode(codes)
         captions = [prompts[i % len(prompts)] for i in range(batch)]
         model.reranker.scores(images, captions)  # compile
-        score_s, _ = _median_time(lambda: model.reranker.scores(images, captions), b.repeats)
+        score_s, _ = median_time(lambda: model.reranker.scores(images, captions), b.repeats)
         log(f"a reranked request: {b.prompts} prompts, the best 1 of {b.candidates}")
         rerank = lambda: model.generate(prompts, 1, seed=0, batch_size=batch,
                                         candidates=b.candidates).images
         rerank()
-        rerank_s, _ = _median_time(rerank, b.repeats)
+        rerank_s, _ = median_time(rerank, b.repeats)
 
     cli_wall = cli_rate = None
     if b.cli:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -23,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from dalle_jax.bench import record
+from dalle_jax.bench.generate import median_time
 from dalle_jax.inference import runs
 from dalle_jax.inference import upsampler as upsampler_lib
 from dalle_jax.models import unet as unet_lib
@@ -100,15 +99,6 @@ def _demo_figures(report_path: str, evaluation_path: str) -> tuple[list[dict], d
     return figures, details
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
-
-
 def measure(config: ml_collections.ConfigDict, *, workdir: str,
             log: Callable[[str], Any] = print) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
@@ -121,7 +111,7 @@ def measure(config: ml_collections.ConfigDict, *, workdir: str,
         log(f"{steps} DDIM steps, batch {b.batch_size}")
         run = lambda: upsampler.upsample(low, steps=steps)
         run()  # compile
-        seconds, times = _median_time(run, b.repeats)
+        seconds, times = median_time(run, b.repeats)
         timings[str(steps)] = times
         figures.append(record.figure(
             f"upsample {upsampler.low_size} -> {upsampler.high_size} px, {steps} DDIM steps",
