@@ -63,6 +63,7 @@ PREDICTIONS = ("eps", "x0", "v")  # dalle_jax.diffusion.parameterization.PREDICT
 MIN_TEXT_VOCAB = 3
 
 STAGE1_TASK = "dalle_jax.stages.image_tokenizer"
+CONTRASTIVE_TASK = "dalle_jax.stages.contrastive"
 CONFIG_FILE = "config.json"  # dalle_jax.config.CONFIG_FILE_NAME
 CHECKPOINTS = "checkpoints"  # dalle_jax.inference.runs.CHECKPOINTS
 ARCHITECTURE_FILE = "architecture.json"  # models.openai_dvae.ARCHITECTURE_FILE
@@ -765,6 +766,44 @@ def upsampler_image_tokenizer_run(value, ctx):
     return stage1_run_problem(value)
 
 
+def contrastive_run_problem(path: str) -> str | None:
+    """What stops ``path`` being used as a trained contrastive run (the reranker whose
+    frozen towers the unCLIP decoder and prior read)."""
+    if is_remote(path):
+        return None
+    if problem := existing_directory_problem(path):
+        return problem
+    hint = ("a contrastive run is the --workdir of python -m dalle_jax.tools.train "
+            "--config=configs/contrastive_*.py, e.g. runs/demo/reranker")
+    run_config = _read_json(os.path.join(path, CONFIG_FILE))
+    if not isinstance(run_config, dict):
+        return f"{path} is not a contrastive run: it has no readable {CONFIG_FILE} ({hint})"
+    task = run_config.get("task") or ""
+    if task != CONTRASTIVE_TASK:
+        made_by = f"a run of {task}" if task else "a run of no stage"
+        return f"{path} is {made_by}, not a contrastive run ({hint})"
+    if not _steps(os.path.join(path, CHECKPOINTS)):
+        return (f"{path} has no checkpoint yet ({CHECKPOINTS}/ holds no step): train it "
+                "until it saves one")
+    return None
+
+
+def reranker_run(value, ctx):
+    """The contrastive run an unCLIP model is conditioned on: required, trained, and
+    embedding images of the config's data.image_size."""
+    if not value:
+        return ("is required: the contrastive run whose frozen embeddings condition the "
+                "model, e.g. runs/demo/reranker")
+    if problem := contrastive_run_problem(value):
+        return problem
+    run_config = _read_json(os.path.join(value, CONFIG_FILE)) or {}
+    theirs = (run_config.get("data") or {}).get("image_size")
+    ours = ctx.get("data.image_size")
+    if _is_int(theirs) and _is_int(ours) and theirs != ours:
+        return (f"{value} embeds {theirs} px images but config.data.image_size is {ours}")
+    return None
+
+
 def logsnr_range(value, ctx):
     low = ctx.get("diffusion.schedule.logsnr_min")
     if _is_number(value) and _is_number(low) and value <= low:
@@ -1049,6 +1088,16 @@ RULES: dict[str, Rule] = {
     "upsampler.eval_split": rule(file_name_part),
     "upsampler.image_tokenizer_run": rule(upsampler_image_tokenizer_run, jobs=("train",),
                                           io=True),
+    # the unCLIP prior (configs/unclip_prior_*.py; its model.* and diffusion.* keys are
+    # stage 2's and the upsampler's).
+    "prior.reranker_run": rule(
+        required("the contrastive run whose image embeddings the prior learns, e.g. "
+                 "--config.prior.reranker_run=runs/demo/reranker"),
+        reranker_run, jobs=("train",), io=True),
+    "prior.text_drop_prob": rule(FRACTION),
+    "prior.eval_split": rule(file_name_part),
+    "prior.eval_split@exists": rule(split_name, jobs=("train",), io=True),
+    "prior.eval_sample_steps": rule(NON_NEGATIVE_INT),
     "diffusion.schedule.name": rule(one_of(DIFFUSION_SCHEDULES)),
     "diffusion.schedule.logsnr_min": rule(number()),
     "diffusion.schedule.logsnr_max": rule(number(), logsnr_range),
@@ -1060,6 +1109,13 @@ RULES: dict[str, Rule] = {
     "diffusion.sample.eta": rule(number(0, 1)),
     "diffusion.sample.noise_level": rule(FRACTION),
     "diffusion.sample.t_start": rule(number(0, 1, low_open=True)),
+    "diffusion.sample.guidance_scale": rule(NON_NEGATIVE_NUMBER),
+    # unCLIP's decoder (configs/unclip_decoder_*.py).
+    "decoder.reranker_run": rule(reranker_run, jobs=("train",), io=True),
+    "decoder.embedding_drop_prob": rule(FRACTION),
+    "decoder.context_tokens": rule(NON_NEGATIVE_INT),
+    "decoder.eval_split": rule(file_name_part),
+    "decoder.eval_split@exists": rule(split_name, jobs=("train",), io=True),
     # convert_images (configs/convert_images.py).
     "input_dir": rule(one_input, existing_directory, jobs=("convert_images",), io=True),
     "manifest": rule(manifest_file, jobs=("convert_images",), io=True),

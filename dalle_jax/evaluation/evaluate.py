@@ -28,20 +28,10 @@ from dalle_jax.evaluation import batches as batches_lib
 from dalle_jax.evaluation import shapes_checker
 from dalle_jax.stages import transformer as stage2
 from dalle_jax.train import sharding as sharding_lib
+# The demo's composite bars and per-image checks live with the checker.
+from dalle_jax.evaluation.shapes_checker import composite_rates, image_checks
 
 SHAPES = "captioned_shapes"
-# Composite criteria of the demo's quality bars: (name, prompt kind, criteria).
-COMPOSITES = (
-    ("colour", "one_object", ("colour",)),
-    ("colour_cell", "one_object", ("colour", "cell")),
-    ("shape", "one_object", ("shape",)),
-    ("all", "one_object", ("all",)),
-    ("colours", "two_objects", ("colour",)),
-    ("colours_relation", "two_objects", ("colour", "relation")),
-    ("shapes", "two_objects", ("shape",)),
-    ("all", "two_objects", ("all",)),
-)
-
 
 def image_data_config(model, data_dir: str | None = None) -> ml_collections.ConfigDict:
     """The data section for the images of the bundle's dataset: its transformer
@@ -143,27 +133,6 @@ def split_prompts(data, split: str, count: int) -> list[str]:
     return prompts
 
 
-def composite_rates(results: list[dict[str, Any]]) -> dict[str, dict[str, float | int]]:
-    """The demo's bars from per-image checks: for each prompt kind, the fraction of its
-    images passing every criterion of each composite."""
-    out: dict[str, dict[str, float | int]] = {}
-    for kind in ("one_object", "two_objects"):
-        rows = [r for r in results if r["kind"] == kind]
-        out[kind] = {"images": len(rows)}
-        for name, composite_kind, criteria in COMPOSITES:
-            if composite_kind != kind:
-                continue
-            judged = [all(r["check"][c] for c in criteria) for r in rows
-                      if all(r["check"][c] is not None for c in criteria)]
-            out[kind][name] = float(np.mean(judged)) if judged else float("nan")
-    return out
-
-
-def image_checks(images: np.ndarray, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    judged = shapes_checker.judge(images, [r["prompt"] for r in records])
-    return [{"prompt": r["prompt"], "index": r["index"], **j} for r, j in zip(records, judged)]
-
-
 def fidelity(model, prompts: list[str], *, images_per_prompt: int, seed: int,
              candidates: int | None = None, batch_size: int | None = None,
              progress: bool = False, **settings: Any) -> dict[str, Any]:
@@ -227,6 +196,10 @@ def evaluate(model, *, data_dir: str | None = None, stage_split: str = "validati
              rerank_seeds: tuple[int, ...] = (0, 1, 2), reranker_examples: int = 1000,
              upsampler_examples: int = 256, upsample_prompts: int = 64,
              upsample_steps: int | None = None, upsample_t_start: float | None = None,
+             variation_sources: int = 64, variations_per_source: int = 4,
+             variation_etas: tuple[float, ...] = (0.0, 0.5, 1.0),
+             unclip_prompts: int = 64, unclip_candidates: int = 4,
+             decoder_guidance_scale: float | None = None,
              log: Callable[[str], None] = lambda _: None, **settings: Any) -> dict[str, Any]:
     """Every measure of the bundle ``model`` (a :class:`TextToImage`); the fidelity
     parts only for captioned shapes, each image the reranker's best of ``candidates``
@@ -238,7 +211,10 @@ def evaluate(model, *, data_dir: str | None = None, stage_split: str = "validati
     upsampler: :func:`dalle_jax.evaluation.upsampler.held_out` on
     ``upsampler_examples`` images of ``stage_split`` at its high resolution and, for
     ``upsample_prompts`` test prompts, the fidelity before and after it, with
-    ``upsample_steps`` DDIM steps (the run's default by default)."""
+    ``upsample_steps`` DDIM steps (the run's default by default). With unCLIP's decoder
+    (captioned shapes): :func:`dalle_jax.evaluation.unclip.variations` of
+    ``variation_sources`` images of ``stage_split``, over ``variation_etas``; with its
+    prior too, :func:`unclip_fidelity` on ``unclip_prompts`` test prompts."""
     data = image_data_config(model, data_dir)
     report: dict[str, Any] = {"bundle": str(model.bundle.path),
                               "transformer_step": model.transformer.step,
@@ -305,7 +281,82 @@ def evaluate(model, *, data_dir: str | None = None, stage_split: str = "validati
                 progress=progress, upsample_steps=upsample_steps,
                 upsample_t_start=upsample_t_start, log=log, **settings)
         report["seconds"]["upsampler"] = round(time.perf_counter() - start, 1)
+    if model.unclip_decoder is not None and data.name == SHAPES and variation_sources > 0:
+        from dalle_jax.evaluation import contrastive  # pylint: disable=g-import-not-at-top
+        from dalle_jax.evaluation import unclip as unclip_eval  # pylint: disable=g-import-not-at-top
+        start = time.perf_counter()
+        images, captions = contrastive.split_pairs(data, stage_split, variation_sources)
+        reference_images, reference_captions = contrastive.split_pairs(
+            data, stage_split, max(variation_sources, 2000))
+        report["unclip_variations"] = {"split": stage_split, **unclip_eval.variations(
+            model.unclip_decoder, images, captions, num_variations=variations_per_source,
+            etas=variation_etas, inversion_etas=variation_etas, seed=seed, log=log,
+            guidance_scale=decoder_guidance_scale,
+            reference=unclip_eval.same_caption_distance(reference_images,
+                                                        reference_captions))}
+        report["seconds"]["unclip_variations"] = round(time.perf_counter() - start, 1)
+    if (model.unclip_prior is not None and model.unclip_decoder is not None
+            and data.name == SHAPES and unclip_prompts > 0):
+        start = time.perf_counter()
+        report["unclip_fidelity"] = unclip_fidelity(
+            model, split_prompts(data, "test", unclip_prompts),
+            images_per_prompt=images_per_prompt, seed=seed, candidates=unclip_candidates,
+            batch_size=batch_size, progress=progress, log=log,
+            decoder_guidance_scale=decoder_guidance_scale, **settings)
+        report["seconds"]["unclip_fidelity"] = round(time.perf_counter() - start, 1)
     return report
+
+
+def unclip_fidelity(model, prompts: list[str], *, images_per_prompt: int, seed: int,
+                    candidates: int = 4, batch_size: int | None = None,
+                    progress: bool = False, log: Callable[[str], None] = lambda _: None,
+                    decoder_guidance_scale: float | None = None,
+                    **settings: Any) -> dict[str, Any]:
+    """The checker's rates of the two text → image paths on the same prompts and seed:
+    DALL·E's transformer and unCLIP's prior + decoder, each without reranking and (with
+    a reranker and ``candidates`` > ``images_per_prompt``) as the reranker's best
+    ``images_per_prompt`` of ``candidates``."""
+    out: dict[str, Any] = {"prompts": len(prompts), "images_per_prompt": images_per_prompt,
+                           "candidates": candidates, "paths": {}}
+    reranked = model.reranker is not None and candidates > images_per_prompt
+    for path in ("dalle", "unclip"):
+        log(f"fidelity of the {path} path on {len(prompts)} test prompts"
+            + (f" (and the reranker's best of {candidates})" if reranked else ""))
+        kwargs = settings if path == "dalle" else {
+            "path": "unclip", "decoder_guidance_scale": decoder_guidance_scale}
+        judged = fidelity(model, prompts, images_per_prompt=images_per_prompt, seed=seed,
+                          candidates=candidates if reranked else None,
+                          batch_size=batch_size, progress=progress, **kwargs)
+        result = judged.pop("generation")
+        entry = {"rates": judged["rates"], "criteria": judged["criteria"],
+                 "seconds": {k: round(v, 2) for k, v in result.timings.items()}}
+        if reranked:
+            entry["random_rates"] = judged["random_rates"]
+        out["paths"][path] = entry
+    return out
+
+
+def unclip_lines(report: dict[str, Any]) -> list[str]:
+    """The side-by-side table of :func:`unclip_fidelity`."""
+    paths = report["paths"]
+    columns = []
+    for path, entry in paths.items():
+        if "random_rates" in entry:
+            columns += [(f"{path} any", entry["random_rates"]),
+                        (f"{path} best", entry["rates"])]
+        else:
+            columns.append((path, entry["rates"]))
+    lines = [f"text -> image paths on {report['prompts']} test prompts x "
+             f"{report['images_per_prompt']} ('best': the reranker's best of "
+             f"{report['candidates']}, 'any': a random candidate)",
+             "  " + " " * 32 + "  ".join(f"{name:>11}" for name, _ in columns)]
+    for label, kind, name in (("one object: colour + cell", "one_object", "colour_cell"),
+                              ("one object: shape", "one_object", "shape"),
+                              ("two objects: colours + relation", "two_objects",
+                               "colours_relation")):
+        lines.append(f"  {label:<32}" + "  ".join(f"{_pct(rates[kind][name]):>11}"
+                                                  for _, rates in columns))
+    return lines
 
 
 def _pct(x: float) -> str:
@@ -360,4 +411,9 @@ def table(report: dict[str, Any]) -> str:
     if report.get("upsampler"):
         from dalle_jax.evaluation import upsampler as upsampler_eval  # pylint: disable=g-import-not-at-top
         lines += upsampler_eval.report_lines(report["upsampler"])
+    if report.get("unclip_variations"):
+        from dalle_jax.evaluation import unclip as unclip_eval  # pylint: disable=g-import-not-at-top
+        lines += unclip_eval.report_lines(report["unclip_variations"])
+    if report.get("unclip_fidelity"):
+        lines += unclip_lines(report["unclip_fidelity"])
     return "\n".join(lines)

@@ -534,3 +534,41 @@ def _rates(results: Sequence[Mapping[str, bool | None]]) -> dict[str, float | in
         judged = [r[criterion] for r in results if r[criterion] is not None]
         rates[criterion] = float(np.mean(judged)) if judged else float("nan")
     return rates
+
+
+# --- the demo's composite bars ---------------------------------------------------------
+
+# Composite criteria of the demo's quality bars: (name, prompt kind, criteria).
+COMPOSITES = (
+    ("colour", "one_object", ("colour",)),
+    ("colour_cell", "one_object", ("colour", "cell")),
+    ("shape", "one_object", ("shape",)),
+    ("all", "one_object", ("all",)),
+    ("colours", "two_objects", ("colour",)),
+    ("colours_relation", "two_objects", ("colour", "relation")),
+    ("shapes", "two_objects", ("shape",)),
+    ("all", "two_objects", ("all",)),
+)
+
+
+def composite_rates(results: list[dict[str, Any]]) -> dict[str, dict[str, float | int]]:
+    """The demo's bars from per-image checks: for each prompt kind, the fraction of its
+    images passing every criterion of each composite."""
+    out: dict[str, dict[str, float | int]] = {}
+    for kind in ("one_object", "two_objects"):
+        rows = [r for r in results if r["kind"] == kind]
+        out[kind] = {"images": len(rows)}
+        for name, composite_kind, criteria in COMPOSITES:
+            if composite_kind != kind:
+                continue
+            judged = [all(r["check"][c] for c in criteria) for r in rows
+                      if all(r["check"][c] is not None for c in criteria)]
+            out[kind][name] = float(np.mean(judged)) if judged else float("nan")
+    return out
+
+
+def image_checks(images: np.ndarray, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`judge` of each image against its record's prompt, with the record's
+    prompt and index (the input of :func:`composite_rates`)."""
+    judged = judge(images, [r["prompt"] for r in records])
+    return [{"prompt": r["prompt"], "index": r["index"], **j} for r, j in zip(records, judged)]

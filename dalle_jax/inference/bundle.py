@@ -16,6 +16,8 @@ one), so it is a fraction of a training checkpoint's size:
                                      params/ and its own text_tokenizer.model
     upsampler/                       optional: the diffusion upsampler's config.json and
                                      params/ (its EMA copy)
+    unclip_decoder/, unclip_prior/   optional (with the reranker, whose embeddings they
+                                     read): unCLIP's decoder and prior, the same way
 
 :func:`export` writes it under a temporary name and renames it when complete;
 :func:`load` verifies every file against the manifest, checks the parameter shapes
@@ -65,6 +67,10 @@ PARTS = {
 }
 RERANKER = ("reranker/config.json", "reranker/params", "reranker/text_tokenizer.model")
 UPSAMPLER = ("upsampler/config.json", "upsampler/params")
+# The optional parts that are one diffusion run's config and (EMA) parameters.
+MODEL_PARTS = ("upsampler", "unclip_decoder", "unclip_prior")
+# Those that read the reranker's embeddings, so need the reranker they were trained on.
+UNCLIP_PARTS = {"unclip_decoder": "decoder", "unclip_prior": "prior"}  # -> config section
 DTYPES = ("float32", "bfloat16")
 
 
@@ -145,10 +151,10 @@ class ExportReport:
 
     @property
     def generation_bytes(self) -> int:
-        """The bundle without its optional parts (reranker, upsampler): what the
-        training checkpoint of the transformer compares with."""
-        return (self.bundle_bytes - self.part_bytes.get("reranker", 0)
-                - self.part_bytes.get("upsampler", 0))
+        """The bundle without its optional parts (reranker, upsampler, unCLIP): what
+        the training checkpoint of the transformer compares with."""
+        return self.bundle_bytes - sum(self.part_bytes.get(p, 0)
+                                       for p in ("reranker",) + MODEL_PARTS)
 
 
 def image_tokenizer_config(config: ml_collections.ConfigDict) -> dict:
@@ -161,7 +167,9 @@ def image_tokenizer_config(config: ml_collections.ConfigDict) -> dict:
 def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
            image_tokenizer: str | os.PathLike | None = None,
            reranker: str | os.PathLike | None = None,
-           upsampler: str | os.PathLike | None = None, dtype: str = "float32",
+           upsampler: str | os.PathLike | None = None,
+           unclip_decoder: str | os.PathLike | None = None,
+           unclip_prior: str | os.PathLike | None = None, dtype: str = "float32",
            step: int | None = None, overwrite: bool = False,
            log: Callable[[str], None] = lambda _: None) -> ExportReport:
     """Writes the bundle of the stage-2 run ``workdir`` (its checkpoint at ``step``,
@@ -172,7 +180,10 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
     ``reranker`` is a run of the contrastive model (dalle_jax.stages.contrastive) at
     the same image size, carried as the optional reranker part; ``upsampler`` a run of
     the diffusion upsampler (dalle_jax.stages.upsampler) whose input is that size, the
-    optional upsampler part. ``dtype`` casts the transformer's floating-point parameters.
+    optional upsampler part. ``unclip_decoder`` and ``unclip_prior`` are runs of
+    unCLIP's decoder and prior (dalle_jax.stages.unclip_*) conditioned on the embeddings
+    of ``reranker``, which they then need. ``dtype`` casts the transformer's
+    floating-point parameters.
     """
     # Imported here: the loaders of trained runs import this package's models.
     from dalle_jax.inference import image_tokenizer as image_tokenizer_run
@@ -224,6 +235,11 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
     if upsampler:
         upsampler_part, upsampler_source = _upsampler_part(upsampler, tokenizer.image_size,
                                                            log)
+    model_parts = {"upsampler": upsampler_part} if upsampler_part is not None else {}
+    model_sources = {"upsampler": upsampler_source}
+    for name, run in (("unclip_decoder", unclip_decoder), ("unclip_prior", unclip_prior)):
+        if run:
+            model_parts[name], model_sources[name] = _unclip_part(name, run, reranker, log)
     ema = run_config.train.ema_decay > 0
     checkpoint_dir = workdir / runs.CHECKPOINTS / str(transformer.step)
     checkpoint_bytes = directory_bytes(checkpoint_dir) if checkpoint_dir.exists() else 0
@@ -231,8 +247,8 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
         output, transformer_config=run_config, transformer_params=transformer.params,
         image_tokenizer_config=image_tokenizer_config(tokenizer.config),
         image_tokenizer_variables=tokenizer.variables, text_tokenizer_file=text_path,
-        dtype=dtype, log=log, reranker=reranker_part, upsampler=upsampler_part,
-        sources={"reranker": reranker_source, "upsampler": upsampler_source,
+        dtype=dtype, log=log, reranker=reranker_part, model_parts=model_parts,
+        sources={"reranker": reranker_source, **model_sources,
                  "transformer": {"run": str(workdir.resolve()), "step": transformer.step,
                                  "ema": ema},
                  "image_tokenizer": {"run": str(epath.Path(stage1_dir).resolve()),
@@ -244,7 +260,7 @@ def export(workdir: str | os.PathLike, output: str | os.PathLike, *,
     part_bytes = {part: sum(f["size"] for name, f in files.items()
                             if name.startswith(part + "/")) for part in PARTS}
     part_bytes["text_tokenizer"] = files[TEXT_TOKENIZER_FILE]["size"]
-    for name, part in (("reranker", reranker_part), ("upsampler", upsampler_part)):
+    for name, part in (("reranker", reranker_part), *model_parts.items()):
         if part is not None:
             part_bytes[name] = sum(f["size"] for file, f in files.items()
                                    if file.startswith(name + "/"))
@@ -282,10 +298,14 @@ def _reranker_part(run: str | os.PathLike, image_size: int,
 
 
 @dataclasses.dataclass
-class UpsamplerPart:
-    """The optional diffusion upsampler: its run's config and (EMA) parameters."""
+class ModelPart:
+    """An optional part that is one run's config and (EMA) parameters: the diffusion
+    upsampler, unCLIP's decoder or prior."""
     config: ml_collections.ConfigDict
     params: Any
+
+
+UpsamplerPart = ModelPart
 
 
 def _upsampler_part(run: str | os.PathLike, image_size: int,
@@ -304,14 +324,62 @@ def _upsampler_part(run: str | os.PathLike, image_size: int,
              "ema": loaded.config.train.ema_decay > 0})
 
 
+def _unclip_loader(name: str):
+    """The library class that loads runs of unCLIP part ``name``."""
+    if name == "unclip_decoder":
+        from dalle_jax.inference import unclip  # pylint: disable=g-import-not-at-top
+        return unclip.UnclipDecoder
+    from dalle_jax.inference import prior  # pylint: disable=g-import-not-at-top
+    return prior.Prior
+
+
+def _unclip_part(name: str, run: str | os.PathLike, reranker: str | os.PathLike | None,
+                 log: Callable[[str], None]) -> tuple[ModelPart, dict[str, Any]]:
+    """unCLIP's decoder or prior, checked to read the embeddings of the bundle's
+    reranker (the run it was trained on)."""
+    from dalle_jax.inference import reranker as reranker_lib  # pylint: disable=g-import-not-at-top
+    label = name.replace("_", " ")
+    log(f"loading the {label} of {run}")
+    try:
+        config = config_lib.read_config(run)
+    except FileNotFoundError:
+        raise BundleError(f"{label}: {run} is not a training run: it has no "
+                          f"{config_lib.CONFIG_FILE_NAME}") from None
+    section = UNCLIP_PARTS[name]
+    trained_on = config.get(section, {}).get("reranker_run")
+    if not reranker:
+        raise BundleError(f"{label} {run} reads the embeddings of a contrastive model: "
+                          f"pass the one it was trained on, --reranker={trained_on}")
+    if trained_on and os.path.realpath(trained_on) != os.path.realpath(reranker):
+        raise BundleError(f"{label} {run} was trained on the embeddings of {trained_on}, "
+                          f"not of the bundle's reranker {reranker}")
+    try:
+        r = reranker_lib.Reranker.load_run(str(reranker))
+        loaded = _unclip_loader(name).load_run(str(run), reranker=r)
+    except (runs.RunError, errors.UserError) as e:
+        raise BundleError(f"{label}: {e}") from None
+    return (ModelPart(loaded.config, loaded.params),
+            {"run": str(epath.Path(run).resolve()), "step": loaded.step,
+             "ema": loaded.config.train.ema_decay > 0})
+
+
 def write(output: str | os.PathLike, *, transformer_config: ml_collections.ConfigDict,
           transformer_params, image_tokenizer_config: dict, image_tokenizer_variables,
           text_tokenizer_file: str | os.PathLike, sources: dict[str, Any],
           dtype: str = "float32", extra: dict[str, Any] | None = None,
-          reranker: RerankerPart | None = None, upsampler: UpsamplerPart | None = None,
+          reranker: RerankerPart | None = None, upsampler: ModelPart | None = None,
+          model_parts: dict[str, ModelPart] | None = None,
           log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Writes a bundle from its parts (an existing ``output`` is replaced): under a
-    temporary name, renamed when complete. Returns the manifest."""
+    temporary name, renamed when complete. Returns the manifest. ``model_parts``: the
+    optional parts of :data:`MODEL_PARTS` by name (``upsampler`` is one of them)."""
+    model_parts = dict(model_parts or {})
+    if upsampler is not None:
+        model_parts["upsampler"] = upsampler
+    unknown = sorted(set(model_parts) - set(MODEL_PARTS))
+    if unknown:
+        raise BundleError(f"unknown bundle parts {unknown}: the optional model parts are "
+                          f"{', '.join(MODEL_PARTS)}")
     output = epath.Path(output)
     temp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     if temp.exists():
@@ -340,14 +408,19 @@ def write(output: str | os.PathLike, *, transformer_config: ml_collections.Confi
             shutil.copyfile(reranker.text_tokenizer, temp / RERANKER[2])
             log("writing the reranker's parameters")
             _save_arrays(temp / RERANKER[1], reranker_params)
-        upsampler_params = None
-        if upsampler is not None:
-            upsampler_params = _to_host(upsampler.params)
-            (temp / "upsampler").mkdir()
-            (temp / UPSAMPLER[0]).write_text(json.dumps(
-                _plain_config(upsampler.config), indent=2, sort_keys=True) + "\n")
-            log("writing the upsampler's parameters")
-            _save_arrays(temp / UPSAMPLER[1], upsampler_params)
+        model_shapes = {}
+        for name in MODEL_PARTS:
+            part = model_parts.get(name)
+            if part is None:
+                continue
+            host_params = _to_host(part.params)
+            config_file, arrays = _model_part_files(name)
+            (temp / name).mkdir()
+            (temp / config_file).write_text(json.dumps(
+                _plain_config(part.config), indent=2, sort_keys=True) + "\n")
+            log(f"writing the {name.replace('_', ' ')}'s parameters")
+            _save_arrays(temp / arrays, host_params)
+            model_shapes[name] = tree_shapes(host_params)
         files = _file_table(temp)
         manifest = {
             "format": FORMAT,
@@ -371,11 +444,10 @@ def write(output: str | os.PathLike, *, transformer_config: ml_collections.Confi
                     "text_tokenizer": RERANKER[2], "shapes": tree_shapes(reranker_params),
                     "source": sources.get("reranker") or {}}} if reranker is not None
                    else {}),
-                **({"upsampler": {
-                    "config": UPSAMPLER[0], "arrays": UPSAMPLER[1],
-                    "shapes": tree_shapes(upsampler_params),
-                    "source": sources.get("upsampler") or {}}} if upsampler is not None
-                   else {}),
+                **{name: {"config": _model_part_files(name)[0],
+                          "arrays": _model_part_files(name)[1], "shapes": shapes,
+                          "source": sources.get(name) or {}}
+                   for name, shapes in model_shapes.items()},
             },
             "files": files,
             "bundle_bytes": sum(f["size"] for f in files.values()),
@@ -406,7 +478,9 @@ class Bundle:
     text_tokenizer: text_tokenizer_lib.TextTokenizer
     mesh: jax.sharding.Mesh
     reranker: RerankerPart | None = None  # the optional contrastive model
-    upsampler: UpsamplerPart | None = None  # the optional diffusion upsampler
+    upsampler: ModelPart | None = None  # the optional diffusion upsampler
+    unclip_decoder: ModelPart | None = None  # unCLIP's optional decoder and prior
+    unclip_prior: ModelPart | None = None
 
 
 def read_manifest(path: epath.Path) -> dict[str, Any]:
@@ -559,9 +633,10 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
                           f"than the transformer's text vocabulary "
                           f"{model_config.text_vocab_size}")
     reranker = _load_reranker(path, manifest, mesh) if "reranker" in parts else None
-    upsampler = _load_upsampler(path, manifest, mesh) if "upsampler" in parts else None
+    models = {name: _load_model_part(path, manifest, mesh, name, reranker)
+              for name in MODEL_PARTS if name in parts}
     return Bundle(path, manifest, t_config, params, i_config, variables, text, mesh,
-                  reranker, upsampler)
+                  reranker, **models)
 
 
 def _load_reranker(path: epath.Path, manifest, mesh) -> RerankerPart:
@@ -586,16 +661,42 @@ def _load_reranker(path: epath.Path, manifest, mesh) -> RerankerPart:
     return RerankerPart(config, params, text)
 
 
-def _load_upsampler(path: epath.Path, manifest, mesh) -> UpsamplerPart:
-    part = manifest["parts"]["upsampler"]
-    config = _config(path, manifest, "upsampler")
-    try:
+def _model_part_files(name: str) -> tuple[str, str]:
+    return f"{name}/config.json", f"{name}/params"
+
+
+def _model_init(name: str, config: ml_collections.ConfigDict,
+                reranker: RerankerPart | None) -> Callable[[jax.Array], Any]:
+    """rng → the boxed variables of optional part ``name`` as ``config`` describes it."""
+    if name == "upsampler":
         model = unet_lib.UNet(stage_u.model_config(config))
-        abstract = runs.abstract_variables(
-            config, lambda rng: stage_u.init_variables(model, rng), mesh)["params"]
+        return lambda rng: stage_u.init_variables(model, rng)
+    if reranker is None:
+        raise BundleError(f"the {name.replace('_', ' ')} reads the reranker's embeddings, "
+                          "but the bundle has no reranker part")
+    embed_dim = int(reranker.config.model.embed_dim)
+    if name == "unclip_decoder":
+        from dalle_jax.stages import unclip_decoder as stage_d  # pylint: disable=g-import-not-at-top
+        model = unet_lib.UNet(stage_d.model_config(config, embed_dim))
+        size = int(config.data.image_size)
+        return lambda rng: stage_d.init_variables(model, rng, size)
+    from dalle_jax.stages import unclip_prior as stage_p  # pylint: disable=g-import-not-at-top
+    return stage_p.bundle_init(config, reranker.config)
+
+
+def _load_model_part(path: epath.Path, manifest, mesh, name: str,
+                     reranker: RerankerPart | None) -> ModelPart:
+    part = manifest["parts"][name]
+    config = _config(path, manifest, name)
+    label = name.replace("_", " ")
+    try:
+        init = _model_init(name, config, reranker)
+        abstract = runs.abstract_variables(config, init, mesh)["params"]
+    except BundleError as e:
+        raise BundleError(f"bundle {path}: {e}") from None
     except (KeyError, AttributeError, TypeError, ValueError) as e:
-        raise BundleError(f"bundle {path}: upsampler: config is not an upsampler's config "
+        raise BundleError(f"bundle {path}: {name}: config is not the {label}'s config "
                           f"({e})") from None
-    _check_shapes(path, "upsampler", abstract, part.get("shapes", {}))
+    _check_shapes(path, name, abstract, part.get("shapes", {}))
     abstract = _with_dtypes(abstract, part["shapes"])
-    return UpsamplerPart(config, _restore(path / part["arrays"], "upsampler", abstract))
+    return ModelPart(config, _restore(path / part["arrays"], name, abstract))

@@ -43,6 +43,8 @@ from dalle_jax.train import sharding as sharding_lib
 
 DEFAULT_BATCH_SIZE = 64
 UPSAMPLE_STREAM = 1  # folded into an image's key for its upsampling noise
+PRIOR_STREAM, DECODER_STREAM = 2, 3  # folded into an image's key on unCLIP's path
+PATHS = ("dalle", "unclip")  # text -> image: DALL·E's transformer, or unCLIP's prior + decoder
 
 
 class GenerateError(errors.UserError, ValueError):
@@ -54,7 +56,7 @@ class Generation:
     """The images of one request, prompt-major, and one record per image."""
     prompts: list[str]
     images: np.ndarray  # uint8 [len(prompts), num_images, H, W, 3]
-    codes: np.ndarray  # int32 [len(prompts), num_images, h, w]
+    codes: np.ndarray | None  # int32 [len(prompts), num_images, h, w] (None: unCLIP's path)
     records: list[dict[str, Any]]  # prompt-major: record of image j of prompt i at i·n + j
     scores: np.ndarray | None = None  # float32 [len(prompts), num_images]: the reranker's
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds by part
@@ -163,6 +165,20 @@ class TextToImage:
             self.upsampler = upsampler_lib.Upsampler(
                 u.config, u.params, bundle.mesh,
                 int(parts["upsampler"]["source"].get("step", 0)))
+        self.unclip_decoder = None  # unCLIP's decoder and prior (optional parts)
+        if bundle.unclip_decoder is not None:
+            from dalle_jax.inference import unclip  # pylint: disable=g-import-not-at-top
+            d = bundle.unclip_decoder
+            self.unclip_decoder = unclip.UnclipDecoder(
+                d.config, d.params, self.reranker, bundle.mesh,
+                int(parts["unclip_decoder"]["source"].get("step", 0)))
+        self.unclip_prior = None
+        if bundle.unclip_prior is not None:
+            from dalle_jax.inference import prior as prior_lib  # pylint: disable=g-import-not-at-top
+            p = bundle.unclip_prior
+            self.unclip_prior = prior_lib.Prior(
+                p.config, p.params, self.reranker, bundle.mesh,
+                int(parts["unclip_prior"]["source"].get("step", 0)))
         self.sampler = self.transformer.sampler()
         sample = config.get("stage2", {}).get("sample", {})
         self.default_settings = sampler_lib.SamplingSettings(
@@ -256,7 +272,11 @@ class TextToImage:
                  keep_all: bool = False, upsample: bool = False,
                  upsample_steps: int | None = None, upsample_eta: float | None = None,
                  upsample_noise_level: float | None = None,
-                 upsample_t_start: float | None = None, progress: bool = False,
+                 upsample_t_start: float | None = None, path: str = "dalle",
+                 prior_steps: int | None = None, prior_guidance_scale: float | None = None,
+                 prior_best_of: int = 1, decoder_steps: int | None = None,
+                 decoder_eta: float | None = None,
+                 decoder_guidance_scale: float | None = None, progress: bool = False,
                  warn: Callable[[str], None] = logging.warning,
                  on_batch: Callable[[list[tuple[int, int]], np.ndarray], None] | None = None
                  ) -> Generation:
@@ -279,6 +299,13 @@ class TextToImage:
         the start time (< 1: from bicubic, noised) default to the upsampler's run
         (``config.diffusion.sample``).
 
+        ``path="unclip"`` draws the images through unCLIP's prior (caption → image
+        embedding; ``prior_steps``, ``prior_guidance_scale``, ``prior_best_of`` = 2 keeps
+        the embedding nearer the caption's of two) and decoder (embedding → image;
+        ``decoder_steps``, ``decoder_eta``, ``decoder_guidance_scale``) instead of the
+        transformer; reranking and upsampling work the same. The transformer's sampling
+        settings and priming do not apply there.
+
         A progress bar (``progress``) counts batches; ``on_batch(rows, images)`` sees
         each batch's (prompt index, image index) rows and images as they are made (not
         when reranking: the kept images are known at the end).
@@ -295,6 +322,25 @@ class TextToImage:
         num_images, seed = int(num_images), int(seed)
         draws = self._candidates(candidates, num_images)
         reranking = draws > num_images
+        if path not in PATHS:
+            raise GenerateError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+        unclip_settings = None
+        if path == "unclip":
+            given = [n for n, v in (("temperature", temperature), ("top_k", top_k),
+                                    ("top_p", top_p), ("guidance_scale", guidance_scale),
+                                    ("prime_image", prime_image)) if v is not None]
+            if given or prime_rows:
+                raise GenerateError(f"{', '.join(given) or 'prime_rows'}: the transformer's "
+                                    "settings do not apply to path='unclip' (its prior and "
+                                    "decoder take prior_* and decoder_* settings)")
+            unclip_settings = self._unclip_settings(prior_steps, prior_guidance_scale,
+                                                    prior_best_of, decoder_steps,
+                                                    decoder_eta, decoder_guidance_scale)
+        elif any(v is not None for v in (prior_steps, prior_guidance_scale, decoder_steps,
+                                          decoder_eta, decoder_guidance_scale)) \
+                or prior_best_of != 1:
+            raise GenerateError("prior_* and decoder_* settings are unCLIP's: pass "
+                                "path='unclip'")
         settings = self.settings(temperature=temperature, top_k=top_k, top_p=top_p,
                                  guidance_scale=guidance_scale)
         grid = self.grid_size
@@ -326,15 +372,8 @@ class TextToImage:
         starts = range(0, len(rows), size)
         upsample_settings = None
         if upsample:
-            if self.upsampler is None:
-                raise GenerateError(
-                    f"bundle {self.bundle.path} has no upsampler: export it with "
-                    "--upsampler=<an upsampler run> (dalle_jax.tools.export)")
-            try:
-                upsample_settings = self.upsampler.settings(
-                    upsample_steps, upsample_eta, upsample_noise_level, upsample_t_start)
-            except upsampler_lib.UpsampleError as e:
-                raise GenerateError(str(e)) from None
+            upsample_settings = self._upsample_settings(
+                upsample_steps, upsample_eta, upsample_noise_level, upsample_t_start)
         bar = tqdm.tqdm(starts, desc="generating", unit="batch", disable=not progress)
         for start in bar:
             chunk = rows[start:start + size]
@@ -347,15 +386,20 @@ class TextToImage:
             if prime_codes is not None:
                 kwargs = dict(prime_codes=np.repeat(prime_codes, len(index_padded), 0),
                               prime_rows=prime_rows)
-            began = time.perf_counter()
-            batch_codes = self.sampler.sample(text, keys=batch_keys, settings=settings,
-                                              **kwargs)
-            timings["sample_s"] += time.perf_counter() - began
-            began = time.perf_counter()
-            batch_images = self.decode(batch_codes)
-            timings["decode_s"] += time.perf_counter() - began
-            codes[index] = batch_codes[:len(chunk)]
-            images[index] = batch_images[:len(chunk)]
+            if unclip_settings is not None:
+                images[index] = self._unclip_draw([prompts[p] for p, _ in chunk],
+                                                  batch_keys[:len(chunk)], unclip_settings,
+                                                  timings)
+            else:
+                began = time.perf_counter()
+                batch_codes = self.sampler.sample(text, keys=batch_keys, settings=settings,
+                                                  **kwargs)
+                timings["sample_s"] += time.perf_counter() - began
+                began = time.perf_counter()
+                batch_images = self.decode(batch_codes)
+                timings["decode_s"] += time.perf_counter() - began
+                codes[index] = batch_codes[:len(chunk)]
+                images[index] = batch_images[:len(chunk)]
             if self.reranker is not None:
                 began = time.perf_counter()
                 scores[index] = self.reranker.scores(images[index],
@@ -371,9 +415,19 @@ class TextToImage:
                                                                      (str, os.PathLike))
                                else "array"), "rows": prime_rows, "note": prime_note}
         scored = self.reranker is not None
-        base = {"seed": seed, "settings": dataclasses.asdict(settings), "prime": prime,
-                **({"upsample": dataclasses.asdict(upsample_settings)} if upsample else {}),
-                "bundle": str(self.bundle.path), "transformer_step": self.transformer.step}
+        if unclip_settings is None:
+            base = {"seed": seed, "settings": dataclasses.asdict(settings), "prime": prime}
+        else:
+            base = {"seed": seed, "path": "unclip",
+                    "settings": {"prior": dataclasses.asdict(unclip_settings[0]),
+                                 "prior_best_of": unclip_settings[1],
+                                 "decoder": dataclasses.asdict(unclip_settings[2])},
+                    "prior_step": self.unclip_prior.step,
+                    "decoder_step": self.unclip_decoder.step}
+        base.update({**({"upsample": dataclasses.asdict(upsample_settings)} if upsample
+                        else {}),
+                     "bundle": str(self.bundle.path),
+                     "transformer_step": self.transformer.step})
         count = len(prompts)
         scores = scores.reshape(count, draws)
         order = (reranker_lib.rank(scores) if reranking
@@ -390,34 +444,86 @@ class TextToImage:
             return r
 
         images = images.reshape((count, draws) + images.shape[1:])
-        codes = codes.reshape(count, draws, h, w)
+        codes = None if unclip_settings is not None else codes.reshape(count, draws, h, w)
         kept = order[:, :num_images]
         result = Generation(
             prompts, np.take_along_axis(images, kept[:, :, None, None, None], 1),
-            np.take_along_axis(codes, kept[:, :, None, None], 1),
+            None if codes is None else np.take_along_axis(codes, kept[:, :, None, None], 1),
             [record(p, i, int(kept[p, i])) for p in range(count) for i in range(num_images)],
             scores=np.take_along_axis(scores, kept, 1) if scored else None,
             timings=timings)
         if upsample:
-            began = time.perf_counter()
             kept_rows = (np.arange(count)[:, None] * draws + kept).reshape(-1)
-            # Each image's upsampling key: its own key, folded (independent of its codes').
-            up_keys = jax.vmap(lambda k: jax.random.fold_in(k, UPSAMPLE_STREAM))(
-                keys[kept_rows])
-            low = result.images.reshape((-1,) + result.images.shape[2:])
-            high = self.upsampler.upsample(low, keys=up_keys, steps=upsample_settings.steps,
-                                           eta=upsample_settings.eta,
-                                           noise_level=upsample_settings.noise_level,
-                                           t_start=upsample_settings.t_start)
-            result.low_res = result.images
-            result.images = high.reshape((count, num_images) + high.shape[1:])
-            timings["upsample_s"] = time.perf_counter() - began
+            self._upsample(result, keys[kept_rows], upsample_settings)
         if keep_all and reranking:
             result.candidates = Generation(
                 prompts, images, codes,
                 [record(p, j, j) for p in range(count) for j in range(draws)],
                 scores=scores)
         return result
+
+    def _unclip_settings(self, prior_steps, prior_guidance_scale, prior_best_of,
+                         decoder_steps, decoder_eta, decoder_guidance_scale):
+        """(prior settings, best_of, decoder settings), checked."""
+        from dalle_jax.inference import prior as prior_lib  # pylint: disable=g-import-not-at-top
+        from dalle_jax.inference import unclip  # pylint: disable=g-import-not-at-top
+        self._require_unclip(prior=True)
+        if isinstance(prior_best_of, bool) or int(prior_best_of) != prior_best_of \
+                or prior_best_of < 1:
+            raise GenerateError(f"prior_best_of must be a positive integer, got "
+                                f"{prior_best_of!r}")
+        try:
+            return (self.unclip_prior.settings(prior_steps, None, prior_guidance_scale),
+                    int(prior_best_of),
+                    self.unclip_decoder.settings(decoder_steps, decoder_eta,
+                                                 decoder_guidance_scale))
+        except (prior_lib.PriorError, unclip.UnclipError) as e:
+            raise GenerateError(str(e)) from None
+
+    def _unclip_draw(self, prompts: list[str], keys: jax.Array, settings,
+                     timings: dict[str, float]) -> np.ndarray:
+        """Images of ``prompts`` through unCLIP's prior and decoder, row ``i`` drawn from
+        ``keys[i]`` (folded apart for the prior's and the decoder's noise)."""
+        prior, best_of, decoder = settings
+        began = time.perf_counter()
+        emb = self.unclip_prior.sample(
+            prompts, keys=jax.vmap(lambda k: jax.random.fold_in(k, PRIOR_STREAM))(keys),
+            steps=prior.steps, eta=prior.eta, guidance_scale=prior.guidance_scale,
+            best_of=best_of)
+        timings["prior_s"] = timings.get("prior_s", 0.0) + time.perf_counter() - began
+        began = time.perf_counter()
+        images = self.unclip_decoder.decode(
+            emb, keys=jax.vmap(lambda k: jax.random.fold_in(k, DECODER_STREAM))(keys),
+            steps=decoder.steps, eta=decoder.eta, guidance_scale=decoder.guidance_scale)
+        timings["sample_s"] += time.perf_counter() - began
+        return images
+
+    def _upsample_settings(self, steps, eta, noise_level, t_start
+                           ) -> upsampler_lib.UpsampleSettings:
+        if self.upsampler is None:
+            raise GenerateError(
+                f"bundle {self.bundle.path} has no upsampler: export it with "
+                "--upsampler=<an upsampler run> (dalle_jax.tools.export)")
+        try:
+            return self.upsampler.settings(steps, eta, noise_level, t_start)
+        except upsampler_lib.UpsampleError as e:
+            raise GenerateError(str(e)) from None
+
+    def _upsample(self, result: Generation, keys: jax.Array,
+                  settings: upsampler_lib.UpsampleSettings) -> None:
+        """Replaces ``result.images`` by their 4× upsampling (the originals move to
+        ``low_res``); ``keys`` [P·n] are the images' own keys, folded for the upsampler's
+        noise (independent of the noise that drew the image)."""
+        began = time.perf_counter()
+        up_keys = jax.vmap(lambda k: jax.random.fold_in(k, UPSAMPLE_STREAM))(keys)
+        count, num_images = result.images.shape[:2]
+        low = result.images.reshape((-1,) + result.images.shape[2:])
+        high = self.upsampler.upsample(low, keys=up_keys, steps=settings.steps,
+                                       eta=settings.eta, noise_level=settings.noise_level,
+                                       t_start=settings.t_start)
+        result.low_res = result.images
+        result.images = high.reshape((count, num_images) + high.shape[1:])
+        result.timings["upsample_s"] = time.perf_counter() - began
 
     def _candidates(self, candidates: int | None, num_images: int) -> int:
         """Images to draw per prompt: ``candidates``, checked."""
@@ -436,15 +542,91 @@ class TextToImage:
                 "--reranker=<a contrastive run> (dalle_jax.tools.export)")
         return candidates
 
-    def variations(self, image: Any, num_images: int = 8, *, prompt: str = "",
-                   prime_rows: int | None = None, seed: int = 0, **kwargs: Any) -> Generation:
-        """``num_images`` variations of ``image``: the top ``prime_rows`` rows of its
+    def variations_path(self, path: str | None = None) -> str:
+        """The path variations take: ``path``, or by default unCLIP's decoder when the
+        bundle carries one and DALL·E's priming otherwise."""
+        if path is None:
+            return "unclip" if self.unclip_decoder is not None else "dalle"
+        if path not in PATHS:
+            raise GenerateError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+        return path
+
+    def variations(self, image: Any, num_images: int = 8, *, path: str | None = None,
+                   prompt: str = "", prime_rows: int | None = None, seed: int = 0,
+                   **kwargs: Any) -> Generation:
+        """``num_images`` variations of ``image``.
+
+        On unCLIP's path (the default when the bundle has the decoder): the image's
+        contrastive embedding decoded with ``num_images`` seeds (:meth:`unclip_variations`,
+        which takes the keyword arguments). On DALL·E's: the top ``prime_rows`` rows of its
         codes kept (half the grid by default), the rest resampled under ``prompt`` (the
         empty caption by default: unconditional)."""
+        if self.variations_path(path) == "unclip":
+            if prompt or prime_rows is not None:
+                raise GenerateError("unCLIP's variations decode the image's embedding: they "
+                                    "take no prompt and no prime_rows (path='dalle' does)")
+            return self.unclip_variations(image, num_images, seed=seed, **kwargs)
         if prime_rows is None:
             prime_rows = self.grid_size // 2
         return self.generate([prompt], num_images, seed=seed, prime_image=image,
                              prime_rows=prime_rows, **kwargs)
+
+    def _require_unclip(self, prior: bool = False) -> None:
+        if self.unclip_decoder is None or (prior and self.unclip_prior is None):
+            need = "--unclip_decoder" + (" and --unclip_prior" if prior else "")
+            what = "unCLIP's decoder" + (" and prior" if prior else "")
+            raise GenerateError(
+                f"bundle {self.bundle.path} has no {what}: export it with --reranker and "
+                f"{need} (dalle_jax.tools.export)")
+
+    def unclip_variations(self, image: Any, num_images: int = 8, *, seed: int = 0,
+                          decoder_steps: int | None = None, decoder_eta: float | None = None,
+                          decoder_guidance_scale: float | None = None,
+                          from_inversion: bool = False, upsample: bool = False,
+                          upsample_steps: int | None = None,
+                          upsample_eta: float | None = None,
+                          upsample_noise_level: float | None = None,
+                          upsample_t_start: float | None = None, progress: bool = False,
+                          warn: Callable[[str], None] = logging.warning) -> Generation:
+        """unCLIP's variations of ``image`` (a path, PIL image or uint8 array at the
+        bundle's size): its embedding decoded with seeds; ``from_inversion`` starts from
+        the image's DDIM inversion (η = 0 then returns the image). Each is scored against
+        nothing (there is no prompt); ``upsample`` runs the upsampler after."""
+        del progress, warn  # one batch: no bar; nothing is truncated
+        from dalle_jax.inference import unclip  # pylint: disable=g-import-not-at-top
+        self._require_unclip()
+        if isinstance(num_images, bool) or int(num_images) != num_images or num_images < 1:
+            raise GenerateError(f"num_images must be a positive integer, got {num_images!r}")
+        if isinstance(seed, bool) or int(seed) != seed or not 0 <= seed < 2**63:
+            raise GenerateError(f"seed must be a non-negative integer, got {seed!r}")
+        num_images, seed = int(num_images), int(seed)
+        decoder = self.unclip_decoder
+        upsample_settings = (self._upsample_settings(upsample_steps, upsample_eta,
+                                                     upsample_noise_level, upsample_t_start)
+                             if upsample else None)
+        try:
+            settings = decoder.settings(decoder_steps, decoder_eta, decoder_guidance_scale)
+            began = time.perf_counter()
+            keys = image_keys(seed, [""] * num_images, range(num_images))
+            images = decoder.variations(image, num_images, keys=keys, steps=settings.steps,
+                                        eta=settings.eta,
+                                        guidance_scale=settings.guidance_scale,
+                                        from_inversion=bool(from_inversion))
+        except unclip.UnclipError as e:
+            raise GenerateError(str(e)) from None
+        timings = {"sample_s": time.perf_counter() - began}
+        source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else "array"
+        base = {"seed": seed, "path": "unclip", "variations_of": source,
+                "from_inversion": bool(from_inversion),
+                "settings": {"decoder": dataclasses.asdict(settings)},
+                **({"upsample": dataclasses.asdict(upsample_settings)} if upsample else {}),
+                "bundle": str(self.bundle.path), "decoder_step": decoder.step}
+        records = [{"prompt": "", "prompt_index": 0, "index": j, **base, "truncated": False,
+                    "score": None} for j in range(num_images)]
+        result = Generation([""], images[None], None, records, timings=timings)
+        if upsample:
+            self._upsample(result, keys, upsample_settings)
+        return result
 
 
 def iter_prompts_file(path: str | os.PathLike) -> Iterable[str]:

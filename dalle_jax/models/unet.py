@@ -17,7 +17,9 @@ Layout, for levels ``l = 0 … L−1`` of width ``base_width · channel_mult[l]`
 Conditioning: log-SNR (the diffusion time) and, optionally, the log-SNR of the
 conditioning augmentation go through sinusoidal features (:func:`logsnr_features`) and
 their own MLPs; a ``context`` vector is projected; the three are summed into one
-embedding that every block reads through FiLM (adaptive group norm). Every block's
+embedding that every block reads through FiLM (adaptive group norm). With
+``context_tokens`` the context is also projected into that many tokens, which every
+attention layer attends to beside the image's positions (unCLIP's decoder). Every block's
 last conv, every attention output and the final conv start at zero, so at
 initialisation each block is the identity and the model outputs zeros.
 
@@ -65,6 +67,8 @@ class UNetConfig:
     embed_dim: int = 0  # the embedding width; 0: 4 · base_width
     noise_level_cond: bool = False  # also embed the augmentation's log-SNR
     context_dim: int = 0  # > 0: a conditioning vector [B, context_dim]
+    context_tokens: int = 0  # > 0: the context also projected into this many tokens that
+    # every attention layer's queries can attend to (unCLIP's decoder; needs attention)
     num_groups: int = 32  # GroupNorm groups, lowered to divide the channels where needed
     dtype: Any = jnp.float32  # compute
     param_dtype: Any = jnp.float32
@@ -85,6 +89,10 @@ class UNetConfig:
             raise ValueError("num_res_blocks must be ≥ 0 and base_width, head_dim ≥ 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.context_tokens < 0 or (self.context_tokens and not self.context_dim):
+            raise ValueError("context_tokens must be ≥ 0, and > 0 only with context_dim > 0")
+        if self.context_tokens and not self.attention_levels:
+            raise ValueError("context_tokens need attention: set attention_levels")
         remat_lib.policy(self.remat_policy)  # a ValueError for an unknown name
 
     @property
@@ -210,12 +218,16 @@ class HeadProjection(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the H·W positions, GroupNorm first, added to the
     input through a zero-initialised output projection. ``channels // head_dim`` heads
-    (at least one, of ``channels // heads`` each); scores and softmax in float32."""
+    (at least one, of ``channels // heads`` each); scores and softmax in float32.
+
+    ``extra`` [B, N, E] tokens (the projected context), layer-normed and projected by
+    this layer to keys and values, are attended to beside the positions (GLIDE's and
+    unCLIP's conditioning tokens)."""
 
     config: UNetConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, extra: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         b, height, width, c = x.shape
         heads = max(1, c // cfg.head_dim)
@@ -227,6 +239,15 @@ class SelfAttention(nn.Module):
         qkv = HeadProjection((c, 3, heads, d), ("embed", None, "heads", "kv"), 1, False,
                              cfg, name="qkv")(h, "bnc,cthd->bnthd")
         q, k, v = qkv[:, :, 0] * jnp.asarray(d ** -0.5, cfg.dtype), qkv[:, :, 1], qkv[:, :, 2]
+        if extra is not None:
+            e = nn.LayerNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                             scale_init=_boxed(nn.initializers.ones, ("embed",)),
+                             bias_init=_boxed(nn.initializers.zeros, ("embed",)),
+                             name="context_norm")(extra)
+            kv = HeadProjection((extra.shape[-1], 2, heads, d), ("embed", None, "heads", "kv"),
+                                1, False, cfg, name="context_kv")(e, "bne,ethd->bnthd")
+            k = jnp.concatenate([kv[:, :, 0], k], axis=1)
+            v = jnp.concatenate([kv[:, :, 1], v], axis=1)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         attended = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
@@ -237,7 +258,7 @@ class SelfAttention(nn.Module):
 
 class UNet(nn.Module):
     """The diffusion U-Net; see the module docstring. Parameters: ``input_conv``,
-    ``time_embed`` (and ``noise_level_embed``, ``context_proj``), ``down_{l}_block_{i}``,
+    ``time_embed`` (and ``noise_level_embed``, ``context_proj``, ``context_tokens``), ``down_{l}_block_{i}``,
     ``down_{l}_attn_{i}``, ``down_{l}_downsample``, ``middle_block_{0,1}``,
     ``middle_attn``, ``up_{l}_block_{i}``, ``up_{l}_attn_{i}``, ``up_{l}_upsample``,
     ``out_norm``, ``out_conv``."""
@@ -261,9 +282,14 @@ class UNet(nn.Module):
         if cfg.noise_level_cond:
             emb = emb + ScalarEmbedding(cfg, name="noise_level_embed")(
                 jnp.broadcast_to(noise_level, (batch,)))
+        tokens = None
         if cfg.context_dim:
             emb = emb + dense(cfg.time_embed_dim, (None, "embed"), cfg, "context_proj")(
                 context.astype(cfg.dtype))
+            if cfg.context_tokens:
+                tokens = dense(cfg.context_tokens * cfg.time_embed_dim, (None, "embed"), cfg,
+                               "context_tokens")(context.astype(cfg.dtype))
+                tokens = tokens.reshape(batch, cfg.context_tokens, cfg.time_embed_dim)
         emb = nn.swish(emb)  # what every block's FiLM reads
 
         block = ResBlock
@@ -282,7 +308,7 @@ class UNet(nn.Module):
             for i in range(cfg.num_res_blocks):
                 h = block(width, cfg, name=f"down_{level}_block_{i}")(h, emb, train)
                 if level in cfg.attention_levels:
-                    h = SelfAttention(cfg, name=f"down_{level}_attn_{i}")(h)
+                    h = SelfAttention(cfg, name=f"down_{level}_attn_{i}")(h, tokens)
                 skips.append(h)
             if level < last:
                 h = conv(width, cfg, f"down_{level}_downsample", stride=2)(h)
@@ -290,7 +316,7 @@ class UNet(nn.Module):
 
         h = block(widths[-1], cfg, name="middle_block_0")(h, emb, train)
         if last in cfg.attention_levels:
-            h = SelfAttention(cfg, name="middle_attn")(h)
+            h = SelfAttention(cfg, name="middle_attn")(h, tokens)
         h = block(widths[-1], cfg, name="middle_block_1")(h, emb, train)
 
         for level in reversed(range(len(widths))):
@@ -298,7 +324,7 @@ class UNet(nn.Module):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = block(widths[level], cfg, name=f"up_{level}_block_{i}")(h, emb, train)
                 if level in cfg.attention_levels:
-                    h = SelfAttention(cfg, name=f"up_{level}_attn_{i}")(h)
+                    h = SelfAttention(cfg, name=f"up_{level}_attn_{i}")(h, tokens)
             if level > 0:
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
                 h = conv(widths[level], cfg, f"up_{level}_upsample")(h)

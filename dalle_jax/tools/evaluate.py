@@ -12,8 +12,12 @@ Recall@1/5/10 and zero-shot colour, shape and cell accuracy on the split, and th
 from reranking: the fidelity of its top-1 of 8 and of 32 candidates against a random
 one of them, over several seeds. When it carries an upsampler (``export --upsampler``),
 its PSNR and SSIM against bicubic on held-out images, the consistency of its outputs
-with its inputs, and the fidelity of generated images before and after it. Prints a short table and writes everything, per-image
-checks included, as JSON.
+with its inputs, and the fidelity of generated images before and after it. With unCLIP's
+decoder (``export --unclip_decoder``): its variations of held-out images, judged against
+the source's caption and for their diversity over η; with its prior too, the fidelity of
+the unclip path beside the dalle path on the same prompts, with and without the reranker.
+Prints a short table and writes everything, per-image checks included, as JSON (and,
+with the decoder, ``<output>_variations.png``: held-out images and their variations).
 """
 from __future__ import annotations
 
@@ -66,11 +70,28 @@ _UPSAMPLE_STEPS = flags.DEFINE_integer("upsample_steps", None, "DDIM steps of th
 _UPSAMPLE_T_START = flags.DEFINE_float(
     "upsample_t_start", None, "Start the upsampler from bicubic noised to this time in "
     "(0, 1] (default: its run's).")
+_VARIATION_SOURCES = flags.DEFINE_integer(
+    "variation_sources", 64, "Held-out images of the split whose unCLIP variations are "
+    "judged (0: skip; needs the bundle's unCLIP decoder).", lower_bound=0)
+_VARIATIONS_PER_SOURCE = flags.DEFINE_integer("variations_per_source", 4, "Variations of "
+                                              "each image.", lower_bound=2)
+_VARIATION_ETAS = flags.DEFINE_list("variation_etas", ["0", "0.5", "1"], "DDIM etas of the "
+                                    "variations' sweep (from noise and from inversion).")
+_UNCLIP_PROMPTS = flags.DEFINE_integer(
+    "unclip_prompts", 64, "Test prompts for the side-by-side fidelity of the dalle and "
+    "unclip paths (0: skip; needs unCLIP's prior and decoder).", lower_bound=0)
+_UNCLIP_CANDIDATES = flags.DEFINE_integer(
+    "unclip_candidates", 4, "Candidates per prompt for the reranked columns of that table "
+    "(at most --images_per_prompt: no reranking).", lower_bound=1)
+_DECODER_GUIDANCE = flags.DEFINE_float(
+    "decoder_guidance", None, "Guidance scale of unCLIP's decoder for the variations and "
+    "the unclip path (default: its run's).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Default: the bundle's.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Default: the bundle's.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Default: the bundle's.")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Default: the bundle's.")
 config_lib.define_debug_flag()
+FIGURE_SOURCES = 6  # rows of the variations figure (<output>_variations.png)
 
 
 def main(argv):
@@ -88,6 +109,13 @@ def main(argv):
                                f"{','.join(_RERANK_CANDIDATES.value)}") from None
     if not candidates or min(candidates) < 1:
         raise errors.UserError("--rerank_candidates must be positive integers")
+    try:
+        etas = tuple(float(e) for e in _VARIATION_ETAS.value)
+    except ValueError:
+        raise errors.UserError(f"--variation_etas must be numbers, got "
+                               f"{','.join(_VARIATION_ETAS.value)}") from None
+    if any(not 0 <= e <= 1 for e in etas):
+        raise errors.UserError("--variation_etas must lie in [0, 1]")
     start = time.perf_counter()
     model = TextToImage.load(_BUNDLE.value)
     report = evaluate.evaluate(
@@ -102,8 +130,23 @@ def main(argv):
         upsampler_examples=_UPSAMPLER_EXAMPLES.value,
         upsample_prompts=_UPSAMPLE_PROMPTS.value, upsample_steps=_UPSAMPLE_STEPS.value,
         upsample_t_start=_UPSAMPLE_T_START.value,
+        variation_sources=_VARIATION_SOURCES.value,
+        variations_per_source=_VARIATIONS_PER_SOURCE.value, variation_etas=etas,
+        unclip_prompts=_UNCLIP_PROMPTS.value, unclip_candidates=_UNCLIP_CANDIDATES.value,
+        decoder_guidance_scale=_DECODER_GUIDANCE.value,
         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
         guidance_scale=_GUIDANCE.value)
+    if model.unclip_decoder is not None and "unclip_variations" in report:
+        from dalle_jax import visualize  # pylint: disable=g-import-not-at-top
+        from dalle_jax.evaluation import contrastive  # pylint: disable=g-import-not-at-top
+        from dalle_jax.evaluation import unclip as unclip_eval  # pylint: disable=g-import-not-at-top
+        data = evaluate.image_data_config(model, _DATA_DIR.value)
+        images, captions = contrastive.split_pairs(data, _SPLIT.value, FIGURE_SOURCES)
+        path = os.path.splitext(output)[0] + "_variations.png"
+        visualize.save_png(unclip_eval.figure(model.unclip_decoder, images, captions,
+                                              seed=_SEED.value,
+                                              guidance_scale=_DECODER_GUIDANCE.value), path)
+        print(f"wrote {path}")
     report["seconds"]["total"] = round(time.perf_counter() - start, 1)
     files.atomic_write(output, json.dumps(report, indent=1) + "\n")
     print(evaluate.table(report))

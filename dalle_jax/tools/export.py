@@ -6,13 +6,17 @@ r"""Exports a trained stage-2 run as an inference bundle (parameters only).
       --reranker=runs/contrastive_shapes       # generate can then keep the best candidates
   python -m dalle_jax.tools.export --workdir=... --output=... \
       --upsampler=runs/upsampler_shapes        # generate --upsample: 4x images
+  python -m dalle_jax.tools.export --workdir=... --output=... --reranker=runs/demo/reranker \
+      --unclip_decoder=runs/unclip_decoder --unclip_prior=runs/unclip_prior  # unCLIP
 
 The bundle holds the transformer's parameters (its EMA when the run kept one), the
 stage-1 encoder and decoder the run's codes came from (``config.stage2.image_tokenizer``,
 or ``--image_tokenizer``: a stage-1 run or a conversion of OpenAI's dVAE), the caption
 tokenizer, both configs and a manifest of checksums (:mod:`dalle_jax.inference.bundle`);
 with ``--reranker``, also a trained contrastive model (dalle_jax.stages.contrastive);
-with ``--upsampler``, a trained diffusion upsampler (dalle_jax.stages.upsampler).
+with ``--upsampler``, a trained diffusion upsampler (dalle_jax.stages.upsampler); with
+``--unclip_decoder`` and ``--unclip_prior``, unCLIP's decoder and prior
+(dalle_jax.stages.unclip_*), which need the reranker they were trained on.
 Load it with ``dalle_jax.inference.TextToImage.load(<output>)`` or
 ``python -m dalle_jax.tools.generate --bundle=<output>``.
 """
@@ -35,6 +39,12 @@ _RERANKER = flags.DEFINE_string(
 _UPSAMPLER = flags.DEFINE_string(
     "upsampler", None, "A run of the diffusion upsampler (configs/upsampler_*.py) whose "
     "input is the bundle's image size, for generate --upsample.")
+_UNCLIP_DECODER = flags.DEFINE_string(
+    "unclip_decoder", None, "A run of unCLIP's decoder (configs/unclip_decoder_*.py) "
+    "trained on the --reranker's embeddings, for generate --variations_of and --path=unclip.")
+_UNCLIP_PRIOR = flags.DEFINE_string(
+    "unclip_prior", None, "A run of unCLIP's prior (configs/unclip_prior_*.py) trained on "
+    "the --reranker's embeddings, for generate --path=unclip (with --unclip_decoder).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Type of the transformer's floating-point parameters.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -52,16 +62,18 @@ def main(argv):
     start = time.perf_counter()
     report = bundle.export(_WORKDIR.value, _OUTPUT.value,
                            image_tokenizer=_IMAGE_TOKENIZER.value,
-                           reranker=_RERANKER.value, upsampler=_UPSAMPLER.value, dtype=_DTYPE.value,
-                           step=_STEP.value, overwrite=_OVERWRITE.value, log=print)
+                           reranker=_RERANKER.value, upsampler=_UPSAMPLER.value,
+                           unclip_decoder=_UNCLIP_DECODER.value,
+                           unclip_prior=_UNCLIP_PRIOR.value, dtype=_DTYPE.value, step=_STEP.value, overwrite=_OVERWRITE.value, log=print)
     parts = ", ".join(f"{name} {_mb(n)}" for name, n in report.part_bytes.items())
     print(f"wrote {report.path}: transformer step {report.transformer_step} "
           f"({'EMA' if report.ema else 'raw'} parameters, {_DTYPE.value}) in "
           f"{time.perf_counter() - start:.1f}s")
     print(f"bundle {_mb(report.bundle_bytes)} ({parts})")
     if report.checkpoint_bytes:
-        optional = [p for p in ("reranker", "upsampler") if p in report.part_bytes]
-        which = ("the bundle without its " + " and ".join(optional) if optional
+        optional = [p.replace("_", " ") for p in ("reranker", *bundle.MODEL_PARTS)
+                    if p in report.part_bytes]
+        which = ("the bundle without its " + ", ".join(optional) if optional
                  else "the bundle")
         print(f"training checkpoint of step {report.transformer_step}: "
               f"{_mb(report.checkpoint_bytes)}; {which} is "

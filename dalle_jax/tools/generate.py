@@ -54,8 +54,33 @@ _PRIME_IMAGE = flags.DEFINE_string("prime_image", None,
 _PRIME_ROWS = flags.DEFINE_integer("prime_rows", None, "Code rows kept from the priming "
                                    "image (variations: half the grid by default).")
 _VARIATIONS_OF = flags.DEFINE_string(
-    "variations_of", None, "Variations of this image: its top rows kept, the rest "
-    "resampled with --num_images seeds (unconditional unless a --prompt is given).")
+    "variations_of", None, "Variations of this image, --num_images of them. With unCLIP's "
+    "decoder in the bundle (the default path then): its contrastive embedding decoded with "
+    "--num_images seeds. With --path=dalle: its top code rows kept, the rest resampled "
+    "(unconditional unless a --prompt is given).")
+_PATH = flags.DEFINE_enum(
+    "path", None, ["dalle", "unclip"], "Text -> image through DALL·E's transformer (dalle, "
+    "the default for prompts) or unCLIP's prior and decoder (unclip: export "
+    "--unclip_prior and --unclip_decoder); for --variations_of, unclip when the bundle has "
+    "the decoder.")
+_VARIATIONS_INVERT = flags.DEFINE_bool(
+    "variations_invert", False, "unCLIP's variations start from the image's DDIM "
+    "inversion instead of noise (--decoder_eta=0 then returns the image).")
+_DECODER_STEPS = flags.DEFINE_integer("decoder_steps", None, "DDIM steps of unCLIP's "
+                                      "decoder (default: its run's).", lower_bound=1)
+_DECODER_ETA = flags.DEFINE_float("decoder_eta", None, "DDIM eta of unCLIP's decoder: 0 "
+                                  "deterministic, 1 DDPM ancestral (default: its run's).")
+_DECODER_GUIDANCE = flags.DEFINE_float(
+    "decoder_guidance", None, "Classifier-free guidance scale of unCLIP's decoder on the "
+    "image embedding (default: its run's).")
+_PRIOR_STEPS = flags.DEFINE_integer("prior_steps", None, "DDIM steps of unCLIP's prior "
+                                    "(default: its run's).", lower_bound=1)
+_PRIOR_GUIDANCE = flags.DEFINE_float(
+    "prior_guidance", None, "Classifier-free guidance scale of unCLIP's prior on the "
+    "caption (default: its run's).")
+_PRIOR_BEST_OF = flags.DEFINE_integer(
+    "prior_best_of", 1, "unCLIP's prior draws this many image embeddings per image and "
+    "keeps the one closest to the caption's (unCLIP: 2).", lower_bound=1)
 _CANDIDATES = flags.DEFINE_integer(
     "candidates", None, "Draw this many images per prompt and keep the --num_images the "
     "bundle's reranker scores best (default: --num_images, no reranking).", lower_bound=1)
@@ -121,6 +146,15 @@ def main(argv):
     if not _UPSAMPLE.value and any(v is not None for v in upsample_flags):
         raise errors.UserError("--upsample_steps, --upsample_eta, --upsample_noise and "
                                "--upsample_t_start need --upsample")
+    unclip_decoder_flags = (_DECODER_STEPS.value, _DECODER_ETA.value, _DECODER_GUIDANCE.value)
+    prior_flags = (_PRIOR_STEPS.value, _PRIOR_GUIDANCE.value)
+    if _PATH.value == "dalle" and (any(v is not None for v in unclip_decoder_flags + prior_flags)
+                                   or _VARIATIONS_INVERT.value or _PRIOR_BEST_OF.value > 1):
+        raise errors.UserError("--decoder_*, --prior_* and --variations_invert are unCLIP's: "
+                               "they do not go with --path=dalle")
+    if _VARIATIONS_INVERT.value and not _VARIATIONS_OF.value:
+        raise errors.UserError("--variations_invert needs --variations_of (the image to "
+                               "invert)")
     prompts = _prompts(errors)
 
     from dalle_jax.inference import outputs  # pylint: disable=g-import-not-at-top
@@ -134,6 +168,31 @@ def main(argv):
           + (", with a 4x upsampler" if model.upsampler is not None else ""))
     warn = lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)
 
+    upsample = dict(upsample=_UPSAMPLE.value, upsample_steps=_UPSAMPLE_STEPS.value,
+                    upsample_eta=_UPSAMPLE_ETA.value, upsample_noise_level=_UPSAMPLE_NOISE.value,
+                    upsample_t_start=_UPSAMPLE_T_START.value)
+    decoder = dict(decoder_steps=_DECODER_STEPS.value, decoder_eta=_DECODER_ETA.value,
+                   decoder_guidance_scale=_DECODER_GUIDANCE.value)
+    if _VARIATIONS_OF.value and model.variations_path(_PATH.value) == "unclip":
+        if _PROMPT.value or _PROMPTS_FILE.value or _PRIME_ROWS.value is not None:
+            raise errors.UserError("unCLIP's variations decode the image's embedding: "
+                                   "--prompt and --prime_rows go with --path=dalle")
+        if any(v is not None for v in prior_flags) or _PRIOR_BEST_OF.value > 1:
+            raise errors.UserError("--prior_* flags are for text -> image (--path=unclip "
+                                   "with prompts); variations do not use the prior")
+        return _unclip_variations(model, output, upsample, decoder)
+    if _VARIATIONS_INVERT.value:
+        raise errors.UserError("--variations_invert is unCLIP's: the bundle has no unCLIP "
+                               "decoder (export --unclip_decoder)")
+    path = _PATH.value or "dalle"
+    unclip = {}
+    if path == "unclip":
+        unclip = dict(path="unclip", prior_steps=_PRIOR_STEPS.value,
+                      prior_guidance_scale=_PRIOR_GUIDANCE.value,
+                      prior_best_of=_PRIOR_BEST_OF.value, **decoder)
+    elif any(v is not None for v in unclip_decoder_flags + prior_flags) \
+            or _PRIOR_BEST_OF.value > 1:
+        raise errors.UserError("--decoder_* and --prior_* flags need --path=unclip")
     prime_image = _PRIME_IMAGE.value or _VARIATIONS_OF.value
     prime_rows = _PRIME_ROWS.value
     if _VARIATIONS_OF.value and prime_rows is None:
@@ -149,14 +208,29 @@ def main(argv):
         prompts, count, seed=_SEED.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, guidance_scale=_GUIDANCE.value, batch_size=_BATCH_SIZE.value,
         prime_image=prime_image, prime_rows=prime_rows or 0,
-        candidates=_CANDIDATES.value, keep_all=_KEEP_ALL.value, upsample=_UPSAMPLE.value,
-        upsample_steps=_UPSAMPLE_STEPS.value, upsample_eta=_UPSAMPLE_ETA.value,
-        upsample_noise_level=_UPSAMPLE_NOISE.value,
-        upsample_t_start=_UPSAMPLE_T_START.value, progress=True, warn=warn,
-        on_batch=write_batch)
-    seconds = time.perf_counter() - start
-    kept_rows = [(r["prompt_index"], r["index"]) for r in result.records]
-    if result.reranked or result.low_res is not None:  # the kept images are known only now
+        candidates=_CANDIDATES.value, keep_all=_KEEP_ALL.value, progress=True, warn=warn,
+        on_batch=write_batch, **upsample, **unclip)
+    _finish(output, result, names, time.perf_counter() - start, len(prompts),
+            written=not (result.reranked or result.low_res is not None))
+
+
+def _unclip_variations(model, output, upsample, decoder):
+    from dalle_jax.inference import outputs  # pylint: disable=g-import-not-at-top
+    start = time.perf_counter()
+    result = model.unclip_variations(
+        _VARIATIONS_OF.value, _NUM_IMAGES.value, seed=_SEED.value,
+        from_inversion=_VARIATIONS_INVERT.value, **decoder, **upsample)
+    _finish(output, result, outputs.prompt_names([""]), time.perf_counter() - start, 1,
+            written=False, what=f"variations of {_VARIATIONS_OF.value}")
+
+
+def _finish(output, result, names, seconds, prompt_count, *, written, what=None):
+    """Writes what is not written yet (the kept images unless ``written``, low-res,
+    candidates, grids, records) and prints the summary line."""
+    from dalle_jax.inference import outputs  # pylint: disable=g-import-not-at-top
+    count = result.images.shape[1]
+    if not written:  # the kept images are known only now
+        kept_rows = [(r["prompt_index"], r["index"]) for r in result.records]
         outputs.save_images(output, names, kept_rows,
                             result.images.reshape((-1,) + result.images.shape[2:]), count)
     if result.low_res is not None:
@@ -167,11 +241,14 @@ def main(argv):
     outputs.save_records(output, result, names)
     drawn = result.images.shape[0] * (_CANDIDATES.value or count)
     t = result.timings
-    print(f"{len(result.records)} images of {len(prompts)} prompt(s) "
+    parts = [f"sampling {t['sample_s']:.1f}s"] + [
+        f"{label} {t[key]:.1f}s" for key, label in (
+            ("prior_s", "prior"), ("decode_s", "decoding"), ("score_s", "scoring"),
+            ("upsample_s", "upsampling")) if key in t]
+    what = what or f"{prompt_count} prompt(s)"
+    print(f"{len(result.records)} images of {what} "
           + (f"(the best of {_CANDIDATES.value} each) " if result.reranked else "")
-          + f"in {seconds:.1f}s ({drawn / seconds:.2f} images drawn/s: sampling "
-          f"{t['sample_s']:.1f}s, decoding {t['decode_s']:.1f}s, scoring {t['score_s']:.1f}s"
-          + (f", upsampling {t['upsample_s']:.1f}s" if "upsample_s" in t else "") + ")"
+          + f"in {seconds:.1f}s ({drawn / seconds:.2f} images drawn/s: {', '.join(parts)})"
           f" -> {output}/images, grids in {output}/grids, records in {output}/samples.jsonl")
 
 

@@ -393,12 +393,27 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged "
                                   f"({problem}); pick another step")
         abstract_parts = dict(abstract_parts)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item=abstract_parts,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_parts),
-                partial_restore=True)))
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=abstract_parts,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_parts),
+                    partial_restore=True)))
+        except ValueError as e:  # a stored shape the config does not describe
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} does not match the config's "
+                f"model: {_first_line(e)}") from None
+        # A partial restore leaves what the checkpoint lacks as the abstract placeholder:
+        # a model config that does not match the run's. Refuse it, naming the first.
+        missing = [jax.tree_util.keystr(path) for path, leaf in
+                   jax.tree_util.tree_flatten_with_path(restored.state)[0]
+                   if isinstance(leaf, jax.ShapeDtypeStruct)]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} has no {missing[0]} "
+                f"({len(missing)} arrays missing): the config describes another model "
+                "than the one the run saved")
         return dict(restored.state), step
 
     def reached_preemption(self, step: int) -> bool:
