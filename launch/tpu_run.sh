@@ -749,17 +749,18 @@ start_and_wait() {
 
   local failed=() first_status=0 stopping=false finished status watchdog="" watchdog_rounds=0
   while ((${#worker_of_pid[@]})); do
+    # Ctrl-C or TERM stop the job everywhere: a signal that interrupted the wait below, or
+    # one that came before it (while the workers were being started), whose trap ran then.
+    if $interrupted && ! $stopping; then
+      stopping=true
+      note "interrupted: stopping the job on every worker"
+      stop_everywhere || true
+      start_watchdog
+    fi
     finished="" status=0
     wait -n -p finished "${!worker_of_pid[@]}" ${watchdog:+"$watchdog"} || status=$?
     if [[ -z "${finished:-}" ]]; then
-      # wait was interrupted by a signal: Ctrl-C or TERM here stop the job everywhere.
-      if $interrupted && ! $stopping; then
-        stopping=true
-        note "interrupted: stopping the job on every worker"
-        stop_everywhere || true
-        start_watchdog
-      fi
-      continue
+      continue  # interrupted by a signal: handled at the top of the loop
     fi
     if [[ "$finished" == "${watchdog:-}" ]]; then
       # Workers still running long after the stop: ssh again (a worker whose job had not
