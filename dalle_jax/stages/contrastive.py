@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dalle_jax import config as config_lib
 from dalle_jax import errors
 from dalle_jax import stages
 from dalle_jax.data import pipeline as pipeline_lib
@@ -159,6 +160,27 @@ class ContrastiveTask:
     def summaries(self, params, model_state, batch) -> dict[str, Any]:
         del params, model_state, batch
         return {}
+
+
+def named_run_config(config, key: str):
+    """The config of the contrastive run that ``config`` names at ``key`` (e.g.
+    ``"decoder.reranker_run"``: unCLIP's decoder and prior read its frozen towers); a
+    ConfigError naming the key when none is named or it is not a contrastive run."""
+    section, name = key.rsplit(".", 1)
+    run = config[section].get(name)
+    if not run:
+        raise errors.ConfigError(key, "is required: the contrastive run whose embeddings "
+                                 "condition the model, e.g. runs/demo/reranker")
+    try:
+        run_config = config_lib.read_config(run)
+    except (FileNotFoundError, ValueError):
+        raise errors.ConfigError(key, f"{run} is not a training run: it has no readable "
+                                 f"{config_lib.CONFIG_FILE_NAME}") from None
+    task = run_config.get("task") or ""
+    if task != __name__:
+        raise errors.ConfigError(key, f"{run} is a run of {task or 'no stage'}, not of the "
+                                 f"contrastive model ({__name__})")
+    return run_config
 
 
 def init_variables(model: contrastive_lib.ContrastiveModel, rng: jax.Array) -> dict:

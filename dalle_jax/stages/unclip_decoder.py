@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import config as config_lib
 from dalle_jax import errors
 from dalle_jax.data import embeddings as embeddings_lib
 from dalle_jax.data import pipeline as pipeline_lib
@@ -36,32 +35,12 @@ from dalle_jax.diffusion import parameterization
 from dalle_jax.diffusion import sampler as diffusion_sampler
 from dalle_jax.diffusion import schedules
 from dalle_jax.models import unet as unet_lib
+from dalle_jax.stages import contrastive as contrastive_stage
 from dalle_jax.stages.upsampler import to_uint8, to_unit
 from dalle_jax.train import metrics as metrics_lib
 
 SUMMARY_STEPS = 10  # DDIM steps of the image summaries
 SUMMARY_IMAGES = 4
-CONTRASTIVE_TASK = "dalle_jax.stages.contrastive"
-
-
-def reranker_config(config):
-    """The config of the contrastive run the decoder (or prior) is conditioned on,
-    checked: ``config.decoder.reranker_run`` must name a contrastive run."""
-    section = "decoder" if "decoder" in config else "prior"
-    run = config[section].get("reranker_run")
-    key = f"{section}.reranker_run"
-    if not run:
-        raise errors.ConfigError(key, "names the contrastive run whose image embeddings "
-                                 "condition the model, e.g. runs/demo/reranker")
-    try:
-        r = config_lib.read_config(run)
-    except FileNotFoundError:
-        raise errors.ConfigError(key, f"{run} is not a training run (it has no "
-                                 f"{config_lib.CONFIG_FILE_NAME})") from None
-    if r.get("task") != CONTRASTIVE_TASK:
-        raise errors.ConfigError(key, f"{run} is a run of {r.get('task') or 'no stage'}, "
-                                 f"not of the contrastive model")
-    return r
 
 
 def model_config(config, embed_dim: int) -> unet_lib.UNetConfig:
@@ -174,7 +153,7 @@ class UnclipDecoderTask:
         self.config = config
         self.workdir = workdir
         d = config.decoder
-        r = reranker_config(config)
+        r = contrastive_stage.named_run_config(config, "decoder.reranker_run")
         self.image_size = config.data.image_size
         if r.data.image_size != self.image_size:
             raise errors.ConfigError("data.image_size", f"is {self.image_size} but the "

@@ -29,7 +29,6 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from dalle_jax import config as config_lib
 from dalle_jax import errors
 from dalle_jax.data import embeddings as embeddings_lib
 from dalle_jax.data import pipeline as pipeline_lib
@@ -42,27 +41,6 @@ from dalle_jax.train import metrics as metrics_lib
 
 # What a training batch holds once embedded; the pipeline's other keys stay on the host.
 BATCH_KEYS = ("text_tokens", "image_embedding", "text_embedding", "mask")
-
-
-def reranker_run_config(config) -> Any:
-    """The config of the contrastive run ``config.prior.reranker_run`` names; a
-    ConfigError when none is named or the directory is not a contrastive run."""
-    run = config.prior.get("reranker_run")
-    key = "prior.reranker_run"
-    if not run:
-        raise errors.ConfigError(key, "is required: the contrastive run whose embeddings the "
-                                 "prior learns, e.g. --config.prior.reranker_run="
-                                 "runs/demo/reranker")
-    try:
-        run_config = config_lib.read_config(run)
-    except (FileNotFoundError, ValueError):
-        raise errors.ConfigError(key, f"{run} is not a training run: it has no readable "
-                                 f"{config_lib.CONFIG_FILE_NAME}") from None
-    task = run_config.get("task") or ""
-    if task != contrastive_stage.__name__:
-        raise errors.ConfigError(key, f"{run} is a run of {task or 'no stage'}, not of the "
-                                 f"contrastive model ({contrastive_stage.__name__})")
-    return run_config
 
 
 def model_config(config, reranker_config) -> prior_lib.PriorConfig:
@@ -182,7 +160,8 @@ class PriorTask:
         p = config.prior
         self._reranker = reranker
         self.reranker_config = (reranker.config if reranker is not None
-                                else reranker_run_config(config))
+                                else contrastive_stage.named_run_config(
+                                    config, "prior.reranker_run"))
         image_size = self.reranker_config.data.image_size
         if config.data.image_size != image_size:
             raise errors.ConfigError("data.image_size", f"must be the contrastive run's "
